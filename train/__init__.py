@@ -1,0 +1,1 @@
+"""upweight: multi-objective ranking by sample loss weighting."""

@@ -1,0 +1,79 @@
+"""`python -m train`: compose the config, check data and scheme, fit, evaluate, report."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from train import outputs, resolvers
+from train.data import DataError
+from train.module import RankingModule
+from train.weights import SchemeError
+
+resolvers.register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    run_dir = cfg.paths.output_dir
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        scheme = instantiate(cfg.weights)
+        data = instantiate(cfg.data)
+        stats = data.prepare(scheme)  # reads and checks every split: fail before writing
+    except (SchemeError, DataError) as err:
+        outputs.remove_if_empty(run_dir)
+        sys.exit(f"error: {err}")
+
+    model = instantiate(cfg.model)(data.spec.cardinalities, len(data.spec.dense))
+    module = RankingModule(
+        model,
+        scheme,
+        behaviours=data.spec.behaviour_names,
+        continuous=stats.continuous,
+        dense_mean=stats.dense_mean,
+        dense_std=stats.dense_std,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        weight_scale=1.0 / data.weight_mean if scheme.normalize == "mean" else 1.0,
+        oracle=data.spec.oracle_names,
+        xauc_pairs=cfg.xauc_pairs,
+        seed=cfg.seed,
+        artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme),
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger)
+    )
+    if trainer.is_global_zero:
+        outputs.write_text(f"{run_dir}/config.yaml", outputs.config_yaml(container(cfg)))
+        outputs.write_text(f"{run_dir}/stats.json", stats.to_json())
+
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    best = (
+        "best"
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+        else None
+    )
+    trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+    metrics |= module.test_results
+
+    if trainer.is_global_zero:
+        outputs.write_json(f"{run_dir}/metrics.json", metrics)
+        print(f"\n{scheme.describe()}\n{outputs.format_table(metrics, data.spec.behaviour_names)}")
+        print(f"run folder: {run_dir}")
+    return metrics.get(cfg.monitor.replace("val/", "test/", 1), float("nan"))
+
+
+def container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Batches by slicing in-memory tensors (the fast path), split across DDP ranks so that every
+rank yields the same number of batches and no row is duplicated or dropped."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from train.data.batch import Batch
+
+
+class TrainBatches:
+    """Shuffled training batches; one global batch of `batch_size * world_size` rows is cut into
+    `world_size` near-equal pieces, one per rank.
+
+    So 1 process at batch 2B and 2 processes at batch B see the same global batches, in the same
+    order; every row is used once per epoch. The last global batch is smaller; if it has fewer
+    rows than ranks it is dropped (at most world_size - 1 rows an epoch) so no rank gets an
+    empty batch. The permutation is re-drawn each epoch from (seed, epoch). The position within
+    the epoch is part of `state_dict`, so a resumed run continues where it stopped.
+    """
+
+    def __init__(
+        self, table: Batch, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.table = table
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.batches_done = 0
+
+    def __len__(self) -> int:
+        rows, global_batch = len(self.table), self.batch_size * self.world_size
+        full, tail = divmod(rows, global_batch)
+        return full + (tail >= self.world_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batches_done >= len(self):
+            # The previous epoch ran to its end (the trainer stops after len() batches without
+            # exhausting this generator, so the roll-over happens here).
+            self.epoch += 1
+            self.batches_done = 0
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.table), generator=generator)
+        order = order.to(self.table.categorical.device)
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.batches_done, len(self)):
+            rows = order[step * global_batch : (step + 1) * global_batch]
+            piece = torch.tensor_split(rows, self.world_size)[self.rank]
+            self.batches_done += 1
+            yield self.table.index(piece)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+
+
+class EvalBatches:
+    """Evaluation batches in file order: each rank takes a contiguous near-equal share of the
+    rows and cuts it into the same number of batches as every other rank, so all rows are
+    scored exactly once across ranks (metrics are then computed over the union)."""
+
+    def __init__(self, table: Batch, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        rows = torch.arange(len(table))
+        share = torch.tensor_split(rows, world_size)[rank]
+        self.table = table.index(share) if world_size > 1 else table
+        largest = math.ceil(len(table) / world_size)
+        self.num_batches = max(1, math.ceil(largest / batch_size))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for piece in torch.tensor_split(torch.arange(len(self.table)), self.num_batches):
+            yield self.table.index(piece)

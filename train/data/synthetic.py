@@ -1,0 +1,396 @@
+"""Seeded simulator of a short-video feed, for training and testing sample-weighted ranking.
+
+The world
+---------
+A fixed universe (drawn from ``seed`` alone, shared by every split) of
+
+* **users** with an activity level (how many impressions they get), a personal click
+  propensity, a patience (how far they watch), a like propensity and a low-rank taste
+  vector over categories;
+* **authors** with a popularity (how often their videos are shown), a click bias and a
+  follower count;
+* **videos** with a category (mostly their author's main one), an author, a length in whole
+  seconds (lognormal, median ~30 s, clipped to 5–300 s), an upload age, a quality, a click
+  appeal and a popularity.
+
+Each split (``train``/``val``/``test``) draws its impressions from its own RNG stream
+``(seed, split)``: a user by activity, a video by popularity, an hour of day (evening
+heavy) and a device (string ids, so string hashing is exercised downstream). Behaviours
+then follow a simple causal chain, and the exact probabilities are returned next to them
+as oracle columns:
+
+* ``p_click`` = sigmoid of main effects (user, video, author, category, hour, device,
+  freshness) plus a moderate user×category taste interaction;
+* given a click the user finishes with ``q_finish`` (rises with quality and patience, falls
+  with length), otherwise watches a Beta-distributed fraction whose mean rises with quality;
+* given a click the user likes with a probability that rises with quality and is much
+  higher after finishing.
+
+The conflict
+------------
+A ``clickbait_share`` of videos have a much higher click appeal but a low quality: they are
+clicked and then abandoned. Ranking by click probability therefore promotes exactly the
+videos that finish, watch time and likes punish, so the click objective and the
+finish/watch-time objectives really disagree (the "seesaw" that sample weighting has to
+trade off). Everything else is mostly main effects so that an embedding+MLP model over the
+id columns can get close to the oracle.
+
+Run ``python -m train.data.synthetic OUT_FOLDER [--rows N] [--shards K] [--format F]`` to
+write the three splits as files (e.g. to try ``data=files``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DEVICES: tuple[str, ...] = ("ios", "android", "web", "tablet")
+FORMATS: tuple[str, ...] = ("parquet", "csv")
+
+SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("video_id", pa.int64()),
+        ("author_id", pa.int64()),
+        ("category", pa.int64()),
+        ("hour", pa.int64()),
+        ("device", pa.string()),
+        ("video_len_s", pa.float32()),
+        ("user_activity", pa.float32()),
+        ("video_age_days", pa.float32()),
+        ("author_followers_log", pa.float32()),
+        ("click", pa.int8()),
+        ("finish", pa.int8()),
+        ("like", pa.int8()),
+        ("watch_s", pa.float32()),
+        ("p_click", pa.float32()),
+        ("p_finish", pa.float32()),
+        ("p_like", pa.float32()),
+        ("e_watch_s", pa.float32()),
+    ]
+)
+
+# RNG stream keys: the universe uses 0 so no split can ever share its stream.
+_WORLD_STREAM = 0
+_SPLIT_STREAM = {"train": 1, "val": 2, "test": 3}
+# Impressions of val/test happen after train, so videos are a bit older there (days).
+_SPLIT_DAYS = {"train": (0.0, 7.0), "val": (7.0, 8.0), "test": (8.0, 9.0)}
+
+_DEVICE_SHARE = np.array([0.35, 0.45, 0.10, 0.10])
+_DEVICE_EFFECT = np.array([0.10, 0.0, -0.30, 0.05])
+_CLICK_BASE = -2.45
+_TASTE_RANK = 4
+# A non-finished watch is a fraction in [_WATCH_LO, _WATCH_HI]: it keeps watch_s > 0 exactly
+# when clicked (float32 cannot underflow) and strictly below the length when not finished.
+_WATCH_LO, _WATCH_HI = 0.02, 0.98
+_WATCH_CONCENTRATION = 3.0
+_NAN_AGE_SHARE = 0.005
+_NAN_FOLLOWERS_SHARE = 0.002
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass
+class World:
+    """The universe behind every split; arrays are indexed by id."""
+
+    user_log_activity: np.ndarray
+    user_weight: np.ndarray
+    user_propensity: np.ndarray
+    user_patience: np.ndarray
+    user_like: np.ndarray
+    taste: np.ndarray  # (n_users, n_categories) logit contribution
+    category_effect: np.ndarray
+    author_bias: np.ndarray
+    author_followers_log: np.ndarray
+    video_author: np.ndarray
+    video_category: np.ndarray
+    video_len_s: np.ndarray
+    video_base_age_days: np.ndarray
+    video_quality: np.ndarray
+    video_appeal: np.ndarray
+    video_weight: np.ndarray
+    is_clickbait: np.ndarray
+    hour_weight: np.ndarray
+    hour_effect: np.ndarray
+
+
+@dataclass
+class FeedSimulator:
+    """Seeded short-video feed; ``table(split)`` returns that split's impressions."""
+
+    n_train: int = 1_000_000
+    n_val: int = 200_000
+    n_test: int = 200_000
+    n_users: int = 20_000
+    n_videos: int = 50_000
+    n_authors: int = 5_000
+    n_categories: int = 30
+    clickbait_share: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = ("n_train", "n_val", "n_test", "n_users", "n_videos", "n_authors", "n_categories")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"FeedSimulator.{name} must be a positive integer, got {value!r}")
+        share = self.clickbait_share
+        if isinstance(share, bool) or not isinstance(share, (int, float, np.number)):
+            raise ValueError(f"FeedSimulator.clickbait_share must be a number, got {share!r}")
+        if not 0 <= share < 1:
+            raise ValueError(f"FeedSimulator.clickbait_share must be in [0, 1), got {share!r}")
+        # SeedSequence needs a non-negative integer; reject early with the field's name.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"FeedSimulator.seed must be an integer, got {self.seed!r}")
+        if self.seed < 0:
+            raise ValueError(f"FeedSimulator.seed must be >= 0, got {self.seed!r}")
+
+    def split_size(self, split: str) -> int:
+        """Number of impressions in ``split``."""
+        _check_split(split)
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
+
+    def world(self) -> World:
+        """Draw the universe; depends only on the seed and the universe sizes."""
+        rng = np.random.default_rng([self.seed, _WORLD_STREAM])
+        nu, nv, na, nc = self.n_users, self.n_videos, self.n_authors, self.n_categories
+
+        # Users. Heavy users click a bit more, so activity is a useful dense feature.
+        log_act = rng.normal(0.0, 1.2, nu)
+        user_propensity = 0.2 * log_act + rng.normal(0.0, 0.5, nu)
+        user_patience = rng.normal(0.0, 0.4, nu)
+        user_like = rng.normal(0.0, 0.5, nu)
+        # Low-rank taste: a real interaction that id main effects cannot express.
+        u_fac = rng.normal(0.0, 1.0, (nu, _TASTE_RANK))
+        c_fac = rng.normal(0.0, 1.0, (nc, _TASTE_RANK))
+        taste = 0.3 / np.sqrt(_TASTE_RANK) * (u_fac @ c_fac.T)
+        category_effect = rng.normal(0.0, 0.35, nc)
+
+        # Authors: popularity drives both exposure and followers; bias is their click pull.
+        author_log_pop = rng.normal(0.0, 1.0, na)
+        author_bias = 0.1 * author_log_pop + rng.normal(0.0, 0.5, na)
+        author_followers_log = np.log1p(np.exp(7.0 + 1.5 * author_log_pop + rng.normal(0, 0.5, na)))
+        author_main_category = rng.integers(0, nc, na)
+
+        # Videos.
+        video_author = rng.integers(0, na, nv)
+        own_category = rng.random(nv) < 0.3
+        video_category = np.where(
+            own_category, rng.integers(0, nc, nv), author_main_category[video_author]
+        )
+        video_len_s = np.clip(np.round(np.exp(rng.normal(np.log(30.0), 0.9, nv))), 5.0, 300.0)
+        video_base_age_days = rng.exponential(30.0, nv)
+        is_clickbait = rng.random(nv) < self.clickbait_share
+        quality = np.where(is_clickbait, rng.normal(-1.8, 0.5, nv), rng.normal(0.0, 1.0, nv))
+        # Good videos are only mildly more appealing; clickbait is far more appealing.
+        appeal = 0.15 * quality + rng.normal(0.0, 0.45, nv) + np.where(is_clickbait, 1.4, 0.0)
+        video_weight = np.exp(0.8 * author_log_pop[video_author] + rng.normal(0.0, 1.8, nv))
+
+        hours = np.arange(24)
+        # Evening-heavy traffic with evening-heavy clicking: both peak around 21h.
+        hour_phase = np.cos(2.0 * np.pi * (hours - 21) / 24.0)
+        hour_weight = 1.0 + 0.7 * hour_phase
+        hour_effect = 0.2 * hour_phase
+
+        return World(
+            user_log_activity=log_act,
+            user_weight=np.exp(log_act),
+            user_propensity=user_propensity,
+            user_patience=user_patience,
+            user_like=user_like,
+            taste=taste,
+            category_effect=category_effect,
+            author_bias=author_bias,
+            author_followers_log=author_followers_log,
+            video_author=video_author,
+            video_category=video_category,
+            video_len_s=video_len_s,
+            video_base_age_days=video_base_age_days,
+            video_quality=quality,
+            video_appeal=appeal,
+            video_weight=video_weight,
+            is_clickbait=is_clickbait,
+            hour_weight=hour_weight / hour_weight.sum(),
+            hour_effect=hour_effect,
+        )
+
+    def table(self, split: str) -> pa.Table:
+        """Impressions of ``split`` ("train", "val" or "test") with behaviours and oracles."""
+        n = self.split_size(split)
+        w = self.world()
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAM[split]])
+
+        user = _draw(rng, w.user_weight, n)
+        video = _draw(rng, w.video_weight, n)
+        hour = rng.choice(24, size=n, p=w.hour_weight)
+        device = rng.choice(len(DEVICES), size=n, p=_DEVICE_SHARE)
+        lo, hi = _SPLIT_DAYS[split]
+        age = w.video_base_age_days[video] + rng.uniform(lo, hi, n)
+
+        author = w.video_author[video]
+        category = w.video_category[video]
+        length = w.video_len_s[video]
+        quality = w.video_quality[video]
+
+        click_logit = (
+            _CLICK_BASE
+            + w.user_propensity[user]
+            + w.video_appeal[video]
+            + w.author_bias[author]
+            + w.category_effect[category]
+            + w.taste[user, category]
+            + w.hour_effect[hour]
+            + _DEVICE_EFFECT[device]
+            # Fresh videos pull a little more; small, so ids still carry almost everything.
+            - 0.1 * np.log1p(age)
+        )
+        p_click = _sigmoid(click_logit)
+        patience = w.user_patience[user]
+        q_finish = _sigmoid(0.3 + 1.0 * quality - 1.0 * np.log(length / 30.0) + patience)
+        watch_mean = 0.1 + 0.6 * _sigmoid(0.8 * quality + patience)
+        like_logit = 0.7 * quality + w.user_like[user]
+        q_like_finished = _sigmoid(-1.0 + like_logit)
+        q_like_abandoned = _sigmoid(-3.2 + like_logit)
+
+        click = rng.random(n) < p_click
+        finish = click & (rng.random(n) < q_finish)
+        fraction = rng.beta(
+            watch_mean * _WATCH_CONCENTRATION, (1.0 - watch_mean) * _WATCH_CONCENTRATION
+        )
+        fraction = _WATCH_LO + (_WATCH_HI - _WATCH_LO) * fraction
+        watch_s = np.where(finish, length, np.where(click, length * fraction, 0.0))
+        q_like = np.where(finish, q_like_finished, q_like_abandoned)
+        like = click & (rng.random(n) < q_like)
+
+        mean_fraction = _WATCH_LO + (_WATCH_HI - _WATCH_LO) * watch_mean
+        p_finish = p_click * q_finish
+        e_watch_s = p_click * length * (q_finish + (1.0 - q_finish) * mean_fraction)
+        p_like = p_click * (q_finish * q_like_finished + (1.0 - q_finish) * q_like_abandoned)
+
+        # Missing values are a logging artefact: they blank features, never the truth.
+        age_obs = np.where(rng.random(n) < _NAN_AGE_SHARE, np.nan, age)
+        followers = w.author_followers_log[author]
+        followers_obs = np.where(rng.random(n) < _NAN_FOLLOWERS_SHARE, np.nan, followers)
+
+        columns = {
+            "user_id": user.astype(np.int64),
+            "video_id": video.astype(np.int64),
+            "author_id": author.astype(np.int64),
+            "category": category.astype(np.int64),
+            "hour": hour.astype(np.int64),
+            "device": pa.array(DEVICES, pa.string()).take(pa.array(device.astype(np.int32))),
+            "video_len_s": length.astype(np.float32),
+            "user_activity": w.user_log_activity[user].astype(np.float32),
+            "video_age_days": age_obs.astype(np.float32),
+            "author_followers_log": followers_obs.astype(np.float32),
+            "click": click.astype(np.int8),
+            "finish": finish.astype(np.int8),
+            "like": like.astype(np.int8),
+            "watch_s": watch_s.astype(np.float32),
+            "p_click": p_click.astype(np.float32),
+            "p_finish": p_finish.astype(np.float32),
+            "p_like": p_like.astype(np.float32),
+            "e_watch_s": e_watch_s.astype(np.float32),
+        }
+        return pa.table(columns, schema=SCHEMA)
+
+    def write(self, folder: str, format: str = "parquet", shards: int = 1) -> dict[str, list[str]]:
+        """Write every split as ``folder/<split>/part-XXXXX.<ext>``; return the paths per split.
+
+        ``folder`` may be any fsspec URL. Stale ``part-*`` files of the same format left by an
+        earlier write with more shards are removed, so globbing a split never mixes runs.
+        """
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
+            raise ValueError(f"shards must be a positive integer, got {shards!r}")
+        fs, root = fsspec.core.url_to_fs(folder)
+        base = folder.rstrip("/")
+        root = root.rstrip("/")
+        stale = re.compile(rf"part-\d{{5}}\.{format}$")
+        paths: dict[str, list[str]] = {}
+        for split in SPLITS:
+            table = self.table(split)
+            fs.makedirs(f"{root}/{split}", exist_ok=True)
+            names = [f"part-{i:05d}.{format}" for i in range(shards)]
+            for old in fs.ls(f"{root}/{split}", detail=False):
+                name = old.rstrip("/").rsplit("/", 1)[-1]
+                if stale.fullmatch(name) and name not in names:
+                    fs.rm(old)
+            bounds = np.linspace(0, table.num_rows, shards + 1).round().astype(int)
+            for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
+                part = table.slice(int(start), int(stop - start))
+                with fs.open(f"{root}/{split}/{name}", "wb") as f:
+                    if format == "parquet":
+                        pq.write_table(part, f)
+                    else:
+                        pacsv.write_csv(part, f)
+            paths[split] = [f"{base}/{split}/{name}" for name in names]
+        return paths
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _draw(rng: np.random.Generator, weight: np.ndarray, n: int) -> np.ndarray:
+    # Inverse-CDF sampling on raw weights: no normalisation, so no "p must sum to 1" failures
+    # from float round-off on heavy-tailed weights.
+    cdf = np.cumsum(weight)
+    return np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right").clip(max=len(weight) - 1)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """CLI: write the three splits to ``OUT_FOLDER`` for benchmarks or ``data=files``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.data.synthetic",
+        description="Write a synthetic short-video feed (train/val/test) as parquet or csv.",
+    )
+    parser.add_argument("out_folder", help="output folder (local path or any fsspec URL)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=FeedSimulator.n_train,
+        help="train rows; val/test keep their ratio to train (default %(default)s)",
+    )
+    parser.add_argument("--shards", type=int, default=1, help="files per split")
+    parser.add_argument("--format", choices=FORMATS, default="parquet")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("--rows must be a positive integer")
+    if args.shards < 1:
+        parser.error("--shards must be a positive integer")
+
+    default = FeedSimulator()
+    scale = args.rows / default.n_train
+    sim = FeedSimulator(
+        n_train=args.rows,
+        n_val=max(1, round(default.n_val * scale)),
+        n_test=max(1, round(default.n_test * scale)),
+        seed=args.seed,
+    )
+    paths = sim.write(args.out_folder, format=args.format, shards=args.shards)
+    for split, files in paths.items():
+        print(
+            f"{split}: {sim.split_size(split)} rows in {len(files)} file(s) under "
+            f"{args.out_folder.rstrip('/')}/{split}/"
+        )
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The LightningModule: standardise dense inputs, score, weighted BCE, per-behaviour metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.data.batch import Batch
+from train.metrics import BehaviourMetrics
+from train.weights import WeightScheme
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
+
+
+def weighted_bce(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, weight_total: torch.Tensor
+) -> torch.Tensor:
+    """Σ wᵢℓᵢ / W: with W the weight sum of the global batch this is the loss of the same batch
+    with every row repeated wᵢ times (the duplication reading of sample weighting)."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), label, reduction="none")
+    return (weight * losses).sum() / weight_total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class RankingModule(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        scheme: WeightScheme,
+        behaviours: Sequence[str],
+        continuous: Sequence[str],
+        dense_mean: Sequence[float],
+        dense_std: Sequence[float],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        weight_scale: float = 1.0,
+        oracle: Sequence[str] = (),
+        dense_fill: str = "mean",
+        xauc_pairs: int = 1_000_000,
+        seed: int = 0,
+        artifact: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if dense_fill not in ("mean", "zero"):
+            raise ValueError(f"data.dense_fill must be 'mean' or 'zero', got {dense_fill!r}")
+        self.model = model
+        self.scheme = scheme
+        self.behaviours = list(behaviours)
+        self.label_column = self.behaviours.index(scheme.label)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.weight_scale = weight_scale
+        self.dense_fill = dense_fill
+        self.register_buffer("dense_mean", torch.tensor(list(dense_mean), dtype=torch.float32))
+        self.register_buffer("dense_std", torch.tensor(list(dense_std), dtype=torch.float32))
+        self.artifact = dict(artifact or {})
+
+        def metrics() -> BehaviourMetrics:
+            return BehaviourMetrics(
+                self.behaviours, continuous, scheme.label, oracle, xauc_pairs, seed
+            )
+
+        self.val_metrics = metrics()
+        self.test_metrics = metrics()
+        self.test_results: dict[str, float] = {}
+
+    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Raw features in, logits out: the standardisation travels with the model."""
+        if self.dense_fill == "mean":
+            dense = torch.where(torch.isnan(dense), self.dense_mean, dense)
+        else:
+            dense = torch.nan_to_num(dense, nan=0.0)
+        return self.model(categorical, (dense - self.dense_mean) / self.dense_std)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch.categorical, batch.dense)
+        weight = self.scheme.weights(batch.behaviours, self.behaviours) * self.weight_scale
+        label = (batch.behaviours[:, self.label_column] > 0).float()
+        losses = F.binary_cross_entropy_with_logits(logits.float(), label, reduction="none")
+        local = torch.stack([(weight * losses).sum().detach(), weight.sum()])
+        # Global Σw (and Σwℓ for the log) over all ranks: the mean of per-rank weighted means is
+        # not the weighted mean of the global batch.
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        world = self.trainer.world_size
+        # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
+        loss = weighted_bce(logits, label, weight, total[1]) * world
+        self.log("train/loss", total[0] / total[1].clamp_min(1e-30), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update(self.val_metrics, batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update(self.test_metrics, batch)
+
+    def _update(self, metrics: BehaviourMetrics, batch: Batch) -> None:
+        probs = torch.sigmoid(self(batch.categorical, batch.dense).float())
+        metrics.update(probs, batch.behaviours, batch.group, batch.oracle, batch.oracle_positive)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() gathers every rank's predictions: all ranks must call it (a collective).
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": v for k, v in results.items()})
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.test_results = {f"test/{k}": v for k, v in results.items()}
+        self.log_dict(self.test_results)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        checkpoint["upweight"] = self.artifact

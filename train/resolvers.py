@@ -1,0 +1,16 @@
+"""OmegaConf resolvers the configs use; imported by every entry point before Hydra composes."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+
+def _if_cuda(yes: str, no: str) -> str:
+    return yes if torch.cuda.is_available() else no
+
+
+def register() -> None:
+    # `${if_cuda:gpu,cpu}`: hardware=auto picks the GPU when there is one, never fails without.
+    if not OmegaConf.has_resolver("if_cuda"):
+        OmegaConf.register_new_resolver("if_cuda", _if_cuda)
