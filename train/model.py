@@ -39,7 +39,7 @@ class HashedEmbeddings(nn.Module):
         nn.init.normal_(self.table.weight, std=0.01)
 
     def forward(self, categorical: torch.Tensor) -> torch.Tensor:
-        return self.table(categorical + self.offsets).flatten(1)
+        return self.table(categorical + self.offsets)
 
 
 class DNN(nn.Module):
@@ -54,8 +54,11 @@ class DNN(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         sparse_embeddings: bool = True,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
+        self.embedding_l2 = embedding_l2
+        self.penalty = torch.zeros(())
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation {activation!r} is not one of {list(ACTIVATIONS)}")
         if not 0 <= dropout < 1:
@@ -70,5 +73,10 @@ class DNN(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.embeddings(categorical), dense], dim=1)
+        vectors = self.embeddings(categorical)
+        if self.training and self.embedding_l2 > 0:
+            # L2 on the rows a batch looks up (not the whole table): frequent ids are shrunk
+            # as often as they are seen, rare ids - the ones that overfit - are pulled to 0.
+            self.penalty = self.embedding_l2 * vectors.pow(2).sum(-1).mean()
+        x = torch.cat([vectors.flatten(1), dense], dim=1)
         return self.mlp(x).squeeze(1)

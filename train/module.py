@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,10 @@ from torch import nn
 from train.data.batch import Batch
 from train.metrics import BehaviourMetrics
 from train.weights import WeightScheme
+
+# Epoch metrics are computed over every rank's rows by BehaviourMetrics itself; Lightning's
+# advice to sync_dist them would average values that are already global.
+warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True")
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
@@ -89,6 +94,8 @@ class RankingModule(L.LightningModule):
         world = self.trainer.world_size
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = weighted_bce(logits, label, weight, total[1]) * world
+        if getattr(self.model, "embedding_l2", 0) > 0:
+            loss = loss + self.model.penalty
         self.log("train/loss", total[0] / total[1].clamp_min(1e-30), prog_bar=True)
         return loss
 

@@ -3,8 +3,10 @@ columns become a `Batch` (hashing ids into buckets, checking types and values)."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,10 +38,30 @@ class FeatureSpec:
     """behaviour name -> column holding its true P(b) (binary) or E[b] (continuous)."""
     oracle_positive: Mapping[str, str] = field(default_factory=dict)
     """behaviour name -> column holding its true P(b > 0), for continuous behaviours."""
+    behaviour_scale: Mapping[str, float] = field(default_factory=dict)
+    """behaviour name -> factor applied to its column (e.g. 0.001: milliseconds -> seconds)."""
 
     def __post_init__(self) -> None:
         if not self.behaviours:
             raise DataError("data.behaviours is empty: name at least the label behaviour")
+        for name, column in self.behaviours.items():
+            if not isinstance(column, str) or not column:
+                raise DataError(
+                    f"data.behaviours.{name}: expected a column name or "
+                    f"{{column: NAME, scale: FACTOR}}, got {column!r}"
+                )
+        for name, scale in self.behaviour_scale.items():
+            if name not in self.behaviours:
+                raise DataError(f"a scale is given for {name!r}, which is not in data.behaviours")
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not math.isfinite(scale)
+                or scale <= 0
+            ):
+                raise DataError(
+                    f"data.behaviours.{name}.scale must be a finite number > 0, got {scale!r}"
+                )
         for column, buckets in self.categorical.items():
             if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
                 raise DataError(
@@ -81,22 +103,149 @@ class FeatureSpec:
     def cardinalities(self) -> list[int]:
         return list(self.categorical.values())
 
+    @property
+    def id_columns(self) -> list[str]:
+        """Columns hashed as ids: the categorical features and the GAUC group key."""
+        return list(dict.fromkeys([*self.categorical, self.group_key]))
+
+    @property
+    def numeric_columns(self) -> dict[str, str]:
+        """column -> role, for every column that must hold numbers."""
+        roles: dict[str, str] = {}
+        for column in self.dense:
+            roles.setdefault(column, "dense")
+        for name, column in self.behaviours.items():
+            roles.setdefault(column, f"behaviour {name!r}")
+        for column in [*self.oracle.values(), *self.oracle_positive.values()]:
+            roles.setdefault(column, "oracle")
+        return roles
+
+
+def parse_behaviours(
+    behaviours: Mapping[str, Any],
+) -> tuple[dict[str, str], dict[str, float]]:
+    """`data.behaviours` -> (name -> column, name -> scale). A value is a column name or
+    `{column: play_time_ms, scale: 0.001}` for a behaviour logged in other units."""
+    columns: dict[str, str] = {}
+    scales: dict[str, float] = {}
+    for name, value in behaviours.items():
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"column", "scale"}
+            if unknown or "column" not in value:
+                raise DataError(
+                    f"data.behaviours.{name} = {dict(value)!r}: expected keys column (required) "
+                    f"and scale; unknown {sorted(unknown)}"
+                )
+            columns[str(name)] = value["column"]
+            if value.get("scale") is not None:
+                scales[str(name)] = value["scale"]
+        else:
+            columns[str(name)] = value
+    return columns, scales
+
+
+ID_TYPES = "integer, boolean, integral float or string"
+
+
+def id_kind(kind: pa.DataType) -> str | None:
+    """`int` or `string` (what hashing sees), None when the type cannot hold ids."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if (
+        pa.types.is_integer(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_null(kind)
+    ):
+        return "int"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    return None
+
+
+def is_numeric(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_null(kind)
+    )
+
+
+def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str, str]:
+    """Check column presence and types without reading rows; return id column -> id kind (so
+    a caller can check that every shard hashes a column the same way)."""
+    missing = [c for c in spec.columns if c not in schema.names]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing}; the data config reads {spec.columns}, "
+            f"the file has {schema.names}"
+        )
+    kinds: dict[str, str] = {}
+    for column in spec.id_columns:
+        kind = id_kind(schema.field(column).type)
+        if kind is None:
+            role = "group_key" if column == spec.group_key else "categorical"
+            raise DataError(
+                f"{source}: {role} column {column!r} has type {schema.field(column).type}; "
+                f"expected {ID_TYPES} ids"
+            )
+        kinds[column] = kind
+    for column, role in spec.numeric_columns.items():
+        kind = schema.field(column).type
+        if not is_numeric(kind):
+            raise DataError(f"{source}: {role} column {column!r} has type {kind}; expected numbers")
+    return kinds
+
 
 def hash_ids(column: pa.Array | pa.ChunkedArray, buckets: int | None = None) -> np.ndarray:
     """Stable hash of raw ids (ints or strings, any range) -> int64.
 
     With `buckets`, maps to 1..buckets-1 and nulls to NULL_BUCKET. The hash is pandas'
     `hash_array` (SipHash-2-4 for strings, a splitmix64 finaliser for integers), which is
-    stable across runs, machines and versions, so a serving system can reproduce it.
+    stable across runs, machines and versions, so a serving system can reproduce it. Strings
+    are hashed once per distinct value (dictionary-encoded first): same result, far cheaper.
     """
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 1:
+            return hash_ids(column.chunk(0), buckets)
+        parts = [hash_ids(chunk, buckets) for chunk in column.chunks]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        column = pc.dictionary_encode(column)
+        kind = column.type
+    if pa.types.is_dictionary(kind):
+        return _hash_dictionary(column, buckets)
     values, nulls = _id_values(column)
-    hashed = pd.util.hash_array(values, categorize=True).view(np.int64)
+    return _to_buckets(pd.util.hash_array(values, categorize=False).view(np.int64), nulls, buckets)
+
+
+def _to_buckets(hashed: np.ndarray, nulls: np.ndarray | bool, buckets: int | None) -> np.ndarray:
     if buckets is None:
         return hashed
     out = (hashed.view(np.uint64) % np.uint64(buckets - 1)).astype(np.int64) + 1
     if nulls is not False:
         out[nulls] = NULL_BUCKET
     return out
+
+
+def _hash_dictionary(column: pa.DictionaryArray, buckets: int | None) -> np.ndarray:
+    # The dictionary plus the value nulls hash as (0 or ""), hashed once per distinct value.
+    fill = pa.array([""] if _is_text(column.type.value_type) else [0], column.type.value_type)
+    distinct = pa.concat_arrays([column.dictionary.cast(column.type.value_type), fill])
+    values, _ = _id_values(distinct)
+    hashed = pd.util.hash_array(values, categorize=False).view(np.int64)
+    indices = column.indices
+    nulls: np.ndarray | bool = False
+    if column.null_count:
+        nulls = indices.is_null().to_numpy(zero_copy_only=False)
+    codes = indices.fill_null(len(distinct) - 1).cast(pa.int64()).to_numpy()
+    return _to_buckets(hashed[codes], nulls, buckets)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _id_values(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | bool]:
@@ -107,8 +256,8 @@ def _id_values(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
     nulls: np.ndarray | bool = False
     if column.null_count:
         nulls = column.is_null().to_numpy(zero_copy_only=False)
-    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
-        return column.fill_null(0).cast(pa.int64()).to_numpy(), nulls
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
+        return column.cast(pa.int64()).fill_null(0).to_numpy(), nulls
     if pa.types.is_floating(kind):
         # Integer ids read from CSV with missing values arrive as floats: hash them as ints so
         # they match the same ids read as integers elsewhere.
@@ -117,9 +266,47 @@ def _id_values(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
         if not pc.all(pc.equal(as_int.cast(kind), filled)).as_py():
             raise TypeError("non-integral float ids")
         return as_int.to_numpy(), nulls
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if _is_text(kind):
         return column.fill_null("").to_numpy(zero_copy_only=False).astype(object), nulls
     raise TypeError(f"ids of type {kind}")
+
+
+def check_ids(table: pa.Table, spec: FeatureSpec, source: str) -> None:
+    """The value checks of id columns that a schema cannot show (integral floats)."""
+    for column in spec.id_columns:
+        if column in table.column_names and pa.types.is_floating(table.column(column).type):
+            _hash_checked(table, column, None, source, spec)
+
+
+def _hash_checked(
+    table: pa.Table, column: str, buckets: int | None, source: str, spec: FeatureSpec
+) -> np.ndarray:
+    try:
+        return hash_ids(table.column(column), buckets)
+    except (TypeError, pa.ArrowInvalid) as err:
+        role = "group_key" if column == spec.group_key else "categorical"
+        raise DataError(
+            f"{source}: {role} column {column!r} has {table.column(column).type} "
+            f"({err}); expected {ID_TYPES} ids"
+        ) from err
+
+
+def numeric_block(table: pa.Table, spec: FeatureSpec, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checked dense [rows, D] and behaviour [rows, K] float32 matrices of `table`: the inputs of
+    the training statistics, identical to what `featurize` puts in a Batch."""
+    dense = (
+        np.stack([_float_column(table, c, source, "dense") for c in spec.dense], axis=1)
+        if spec.dense
+        else np.zeros((table.num_rows, 0), dtype=np.float32)
+    )
+    behaviours = np.stack(
+        [
+            _behaviour_column(table, col, name, source, spec.behaviour_scale.get(name))
+            for name, col in spec.behaviours.items()
+        ],
+        axis=1,
+    )
+    return dense, behaviours
 
 
 def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
@@ -132,29 +319,9 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
         )
     categorical = np.empty((table.num_rows, len(spec.categorical)), dtype=np.int64)
     for j, (column, buckets) in enumerate(spec.categorical.items()):
-        try:
-            categorical[:, j] = hash_ids(table.column(column), buckets)
-        except TypeError as err:
-            raise DataError(
-                f"{source}: categorical column {column!r} has {table.column(column).type}; "
-                "expected integer or string ids"
-            ) from err
-    dense = (
-        np.stack([_float_column(table, c, source, "dense") for c in spec.dense], axis=1)
-        if spec.dense
-        else np.zeros((table.num_rows, 0), dtype=np.float32)
-    )
-    behaviours = np.stack(
-        [_behaviour_column(table, col, name, source) for name, col in spec.behaviours.items()],
-        axis=1,
-    )
-    try:
-        group = hash_ids(table.column(spec.group_key))
-    except TypeError as err:
-        raise DataError(
-            f"{source}: group_key column {spec.group_key!r} has "
-            f"{table.column(spec.group_key).type}; expected integer or string ids"
-        ) from err
+        categorical[:, j] = _hash_checked(table, column, buckets, source, spec)
+    dense, behaviours = numeric_block(table, spec, source)
+    group = _hash_checked(table, spec.group_key, None, source, spec)
     oracle = oracle_positive = None
     if spec.oracle:
         names = spec.oracle_names
@@ -192,8 +359,12 @@ def _float_column(table: pa.Table, column: str, source: str, role: str) -> np.nd
     return data.cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
-def _behaviour_column(table: pa.Table, column: str, name: str, source: str) -> np.ndarray:
+def _behaviour_column(
+    table: pa.Table, column: str, name: str, source: str, scale: float | None = None
+) -> np.ndarray:
     values = _float_column(table, column, source, f"behaviour {name!r}")
+    if scale is not None and scale != 1:
+        values = values * np.float32(scale)
     bad = ~np.isfinite(values) | (values < 0)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])

@@ -1,22 +1,44 @@
-"""The LightningDataModule: reads the three splits, checks them against the data contract and
-the weight scheme before anything is trained or written, and serves batches."""
+"""The LightningDataModule: finds and checks the three splits against the data contract and the
+weight scheme before anything is trained or written, measures the training split in one pass,
+and serves batches from memory or streamed from storage."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 import lightning as L
+import numpy as np
 import pyarrow as pa
+import torch
 
 from train.data.batch import Batch
-from train.data.features import DataError, FeatureSpec, featurize
-from train.data.io import TableFormat, expand, read_table
+from train.data.features import (
+    DataError,
+    FeatureSpec,
+    check_ids,
+    check_schema,
+    featurize,
+    numeric_block,
+    parse_behaviours,
+)
+from train.data.io import FileInfo, TableFormat, expand, inspect, read_chunks, safe_url
 from train.data.loader import EvalBatches, TrainBatches
-from train.data.stats import TrainStats
+from train.data.stats import StatsAccumulator, TrainStats
+from train.data.stream import StreamBatches, StreamDataset, StreamTrainBatches, Unit
 from train.weights import WeightScheme
 
 SPLITS = ("train", "val", "test")
+MODES = ("memory", "stream", "auto")
+DENSE_FILLS = ("mean", "zero")
+GIB = 1 << 30
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TableSource(Protocol):
@@ -26,12 +48,21 @@ class TableSource(Protocol):
 
 
 class ImpressionDataModule(L.LightningDataModule):
+    """Impressions from files (any fsspec URL) or a simulator.
+
+    `mode`: `memory` loads every split into tensors once (batches by indexing: the fast path);
+    `stream` reads Parquet row groups / CSV files on the fly in DataLoader workers (memory
+    bounded whatever the data size; see `train.data.stream`); `auto` streams when the loaded
+    tensors would exceed `memory_limit_gb` (rows from the Parquet footers x bytes per row; CSV
+    counted by file size).
+    """
+
     def __init__(
         self,
         *,
         categorical: Mapping[str, int],
         dense: Sequence[str],
-        behaviours: Mapping[str, str],
+        behaviours: Mapping[str, Any],
         group_key: str,
         train: str | Sequence[str] | None = None,
         val: str | Sequence[str] | None = None,
@@ -47,15 +78,23 @@ class ImpressionDataModule(L.LightningDataModule):
         column_names: Sequence[str] = (),
         storage_options: dict[str, Any] | None = None,
         seed: int = 0,
+        mode: str = "auto",
+        memory_limit_gb: float = 8.0,
+        num_workers: int = 2,
+        shuffle_buffer: int = 262_144,
+        worker_start: str = "forkserver",
+        dense_fill: str = "mean",
     ) -> None:
         super().__init__()
+        columns, scales = parse_behaviours(dict(behaviours))
         self.spec = FeatureSpec(
             categorical=dict(categorical),
             dense=list(dense),
-            behaviours=dict(behaviours),
+            behaviours=columns,
             group_key=group_key,
             oracle=dict(oracle or {}),
             oracle_positive=dict(oracle_positive or {}),
+            behaviour_scale=scales,
         )
         self.urls = {"train": train, "val": val, "test": test}
         if simulator is None:
@@ -67,60 +106,294 @@ class ImpressionDataModule(L.LightningDataModule):
         self.storage_options = dict(storage_options or {})
         if batch_size < 1 or eval_batch_size < 1:
             raise DataError("data.batch_size and data.eval_batch_size must be >= 1")
+        if mode not in MODES:
+            raise DataError(f"data.mode must be one of {MODES}, got {mode!r}")
+        if dense_fill not in DENSE_FILLS:
+            raise DataError(f"data.dense_fill must be one of {DENSE_FILLS}, got {dense_fill!r}")
+        if num_workers < 0 or shuffle_buffer < 1 or not memory_limit_gb > 0:
+            raise DataError(
+                "data.num_workers must be >= 0, data.shuffle_buffer >= 1 and "
+                f"data.memory_limit_gb > 0; got {num_workers}, {shuffle_buffer}, {memory_limit_gb}"
+            )
+        if simulator is not None and mode == "stream":
+            raise DataError(
+                "data.mode=stream reads files; the simulator lives in memory. Write its splits "
+                "with `python -m train.data.synthetic OUT` and stream them with data=files"
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.requested_mode = mode
+        self.mode = "memory" if simulator is not None else mode
+        self.memory_limit_gb = memory_limit_gb
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.worker_start = worker_start
+        self.dense_fill = dense_fill
+        """How the module fills NaN dense values (`mean`: the training mean, `zero`)."""
         self.tables: dict[str, Batch] = {}
+        self.units: dict[str, list[Unit]] = {}
+        self.files: dict[str, list[FileInfo]] = {}
+        self.dictionary: list[str] = []
         self.stats: TrainStats | None = None
         self.weight_mean = 1.0
 
     def describe(self, split: str) -> str:
         if self.simulator is not None:
             return f"simulated {split} split"
-        return f"data.{split} ({self.urls[split]})"
+        urls = self.urls[split]
+        shown = [safe_url(u) for u in ([urls] if isinstance(urls, str) else list(urls or []))]
+        return f"data.{split} ({shown[0] if len(shown) == 1 else shown})"
 
-    def prepare(self, scheme: WeightScheme) -> TrainStats:
-        """Read and check every split, compute the training statistics, check the scheme's
-        weights on the training data. Runs on every rank, before the trainer writes anything."""
-        scheme.check_behaviours(self.spec.behaviour_names)
-        for split in SPLITS:
-            self.tables[split] = self._load(split)
-        train = self.tables["train"]
+    # ---------------------------------------------------------------- checks and statistics
+
+    def prepare(
+        self,
+        scheme: WeightScheme | None = None,
+        stats: TrainStats | None = None,
+        splits: Sequence[str] = SPLITS,
+    ) -> TrainStats:
+        """Find and check every split, measure the training split, check the scheme's weights on
+        it. Runs on every rank, before the trainer writes anything. Evaluation and prediction
+        pass the saved `stats` (and leave "train" out of `splits`) to skip the training pass."""
         names = self.spec.behaviour_names
-        scheme.check_values(train.behaviours, names, self.describe("train"))
-        self.stats = TrainStats.of(train, names)
-        self.weight_mean = float(scheme.weights(train.behaviours, names).double().mean())
-        if self.weight_mean <= 0:
+        if scheme is not None:
+            scheme.check_behaviours(names)
+        if "train" not in splits and stats is None:
+            raise DataError("prepare() without the train split needs the saved training stats")
+        if self.simulator is not None:
+            for split in splits:
+                table = self.simulator.table(split)
+                self.tables[split] = featurize(table, self.spec, self.describe(split))
+            if "train" in splits:
+                stats = self._measure_memory(
+                    [self._chunk_stats(self.tables["train"], scheme, "train")]
+                )
+            return self._keep(stats, scheme)
+
+        threads = min(32, 4 * (os.cpu_count() or 1))
+        kinds: dict[str, tuple[str, str]] = {}
+        for split in splits:
+            urls = expand(self.urls[split], self.storage_options)
+            infos = list(_ordered_map(self._inspect, urls, threads))
+            for info in infos:
+                self._check_kinds(info, kinds)
+            self.files[split] = infos
+        self.dictionary = [c for c, (kind, _) in kinds.items() if kind == "string"]
+        self.mode = self._choose_mode(splits)
+
+        readers = max(1, min(8, os.cpu_count() or 1))
+        if self.mode == "memory":
+            for split in splits:
+                per_file = list(
+                    _ordered_map(
+                        lambda f, s=split: self._load_file(f, scheme, s), self.files[split], readers
+                    )
+                )
+                batches = [b for parts, _ in per_file for b in parts]
+                self.tables[split] = Batch.concat(batches)
+                if split == "train":
+                    stats = self._measure_memory([p for _, parts in per_file for p in parts])
+        else:
+            for split in splits:
+                measure = split == "train"
+                per_file = list(
+                    _ordered_map(
+                        lambda f, m=measure: self._scan_file(f, scheme if m else None, m),
+                        self.files[split],
+                        readers,
+                    )
+                )
+                self.units[split] = [u for units, _ in per_file for u in units]
+                if measure:
+                    stats = self._measure_memory([p for _, parts in per_file for p in parts])
+        return self._keep(stats, scheme)
+
+    def _keep(self, stats: TrainStats | None, scheme: WeightScheme | None) -> TrainStats:
+        assert stats is not None
+        self.stats = stats
+        self.weight_mean = stats.weight_mean
+        if scheme is not None and self.weight_mean <= 0:
             raise DataError(
                 f"{scheme.describe()}: every training weight is 0 on {self.describe('train')}; "
                 "nothing would be learned"
             )
-        return self.stats
+        return stats
 
-    def _load(self, split: str) -> Batch:
-        if self.simulator is not None:
-            return featurize(self.simulator.table(split), self.spec, self.describe(split))
-        files = expand(self.urls[split], self.storage_options)
-        parts = [
-            featurize(
-                read_table(url, self.spec.columns, self.table_format, self.storage_options),
-                self.spec,
-                url,
-            )
-            for url in files
+    def _measure_memory(self, parts: Iterable[StatsAccumulator]) -> TrainStats:
+        total = StatsAccumulator(self.spec.behaviour_names, len(self.spec.dense))
+        for part in parts:
+            total.merge(part)
+        if total.rows == 0:
+            raise DataError(f"{self.describe('train')}: the training split has no rows")
+        return total.result()
+
+    def _chunk_stats(
+        self, batch: Batch | tuple[np.ndarray, np.ndarray], scheme: WeightScheme | None, where: str
+    ) -> StatsAccumulator:
+        dense, behaviours = (batch.dense, batch.behaviours) if isinstance(batch, Batch) else batch
+        behaviours = torch.as_tensor(behaviours)
+        weights = None
+        if scheme is not None:
+            names = self.spec.behaviour_names
+            scheme.check_values(behaviours, names, where)
+            weights = scheme.weights(behaviours, names)
+        return StatsAccumulator.chunk(self.spec.behaviour_names, dense, behaviours, weights)
+
+    def _inspect(self, url: str) -> FileInfo:
+        return inspect(url, self.table_format, self.storage_options)
+
+    def _check_kinds(self, info: FileInfo, kinds: dict[str, tuple[str, str]]) -> None:
+        """An id column must hash the same way in every file (ints and strings never match)."""
+        found = check_schema(info.schema, self.spec, safe_url(info.url))
+        for column, kind in found.items():
+            if pa.types.is_null(_base_type(info.schema.field(column).type)):
+                continue  # all null here: bucket 0 whatever the type elsewhere
+            seen = kinds.setdefault(column, (kind, info.url))
+            if seen[0] != kind:
+                raise DataError(
+                    f"{safe_url(info.url)}: id column {column!r} holds {kind} values but "
+                    f"{safe_url(seen[1])} holds {seen[0]} values; ids must have one type in every "
+                    "file (an id 7 and a string '7' hash to different buckets)"
+                )
+
+    def _choose_mode(self, splits: Sequence[str]) -> str:
+        if self.requested_mode != "auto":
+            return self.requested_mode
+        spec = self.spec
+        row_bytes = 8 * len(spec.categorical) + 4 * len(spec.dense) + 4 * len(spec.behaviours)
+        row_bytes += 8 + 8 * len(spec.oracle_names)
+        estimate = 0
+        for split in splits:
+            for info in self.files[split]:
+                rows = sum(info.row_groups) if info.row_groups is not None else None
+                estimate += rows * row_bytes if rows is not None else max(info.size, 0)
+        mode = "memory" if estimate <= self.memory_limit_gb * GIB else "stream"
+        log.info(
+            "data.mode=auto: %s (about %.2f GiB of tensors; data.memory_limit_gb=%g)",
+            mode,
+            estimate / GIB,
+            self.memory_limit_gb,
+        )
+        return mode
+
+    def _numeric_and_float_ids(self, info: FileInfo) -> list[str]:
+        spec = self.spec
+        floats = [
+            c
+            for c in spec.id_columns
+            if info.kind == "csv" or pa.types.is_floating(_base_type(info.schema.field(c).type))
         ]
-        return Batch.concat(parts)
+        return list(dict.fromkeys([*spec.dense, *spec.behaviours.values(), *floats]))
+
+    def _chunks(self, info: FileInfo, columns: Sequence[str]) -> Iterator[pa.Table]:
+        dictionary = [c for c in self.dictionary if c in columns]
+        return read_chunks(
+            info.url, columns, self.table_format, self.storage_options, dictionary=dictionary
+        )
+
+    def _load_file(
+        self, info: FileInfo, scheme: WeightScheme | None, split: str
+    ) -> tuple[list[Batch], list[StatsAccumulator]]:
+        """Memory mode: one file, featurised chunk by chunk (with its chunk statistics)."""
+        source = safe_url(info.url)
+        batches, parts = [], []
+        for table in self._chunks(info, self.spec.columns):
+            batch = featurize(table, self.spec, source)
+            batches.append(batch)
+            if split == "train":
+                parts.append(self._chunk_stats(batch, scheme, source))
+        if not batches or sum(len(b) for b in batches) == 0:
+            raise DataError(f"{source}: the file has no rows")
+        return batches, parts
+
+    def _scan_file(
+        self, info: FileInfo, scheme: WeightScheme | None, measure: bool
+    ) -> tuple[list[Unit], list[StatsAccumulator]]:
+        """Stream mode: check one file's values and count its rows, reading only the columns
+        checks and statistics need (dense, behaviours, float ids); measure the training split."""
+        source = safe_url(info.url)
+        columns = self._numeric_and_float_ids(info)
+        rows, parts = [], []
+        for table in self._chunks(info, columns):
+            check_ids(table, self.spec, source)
+            block = numeric_block(table, self.spec, source)
+            rows.append(table.num_rows)
+            if measure:
+                parts.append(self._chunk_stats(block, scheme, source))
+        if sum(rows) == 0:
+            raise DataError(f"{source}: the file has no rows")
+        if info.row_groups is None:
+            return [Unit(info.url, sum(rows))], parts
+        if tuple(rows) != info.row_groups:
+            raise DataError(f"{source}: row groups changed while reading (was the file rewritten?)")
+        units = [Unit(info.url, n, i) for i, n in enumerate(info.row_groups) if n > 0]
+        return units, parts
+
+    # ---------------------------------------------------------------- batches
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataloader(self) -> TrainBatches:
+    def _stream(self, split: str, train: bool) -> StreamDataset:
         rank, world = self._rank()
-        return TrainBatches(self.tables["train"], self.batch_size, self.seed, rank, world)
+        return StreamDataset(
+            self.units[split],
+            self.spec,
+            self.table_format,
+            self.storage_options,
+            train=train,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            rank=rank,
+            world=world,
+            workers=max(1, self.num_workers),
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            dictionary=self.dictionary,
+        )
 
-    def val_dataloader(self) -> EvalBatches:
-        return EvalBatches(self.tables["val"], self.eval_batch_size, *self._rank())
+    def train_dataloader(self) -> TrainBatches | StreamTrainBatches:
+        if self.mode == "memory":
+            rank, world = self._rank()
+            return TrainBatches(self.tables["train"], self.batch_size, self.seed, rank, world)
+        return StreamTrainBatches(self._stream("train", True), self.num_workers, self.worker_start)
 
-    def test_dataloader(self) -> EvalBatches:
-        return EvalBatches(self.tables["test"], self.eval_batch_size, *self._rank())
+    def val_dataloader(self) -> EvalBatches | StreamBatches:
+        return self._eval("val")
+
+    def test_dataloader(self) -> EvalBatches | StreamBatches:
+        return self._eval("test")
+
+    def _eval(self, split: str) -> EvalBatches | StreamBatches:
+        if self.mode == "memory":
+            return EvalBatches(self.tables[split], self.eval_batch_size, *self._rank())
+        return StreamBatches(self._stream(split, False), self.num_workers, self.worker_start)
+
+
+def _base_type(kind: pa.DataType) -> pa.DataType:
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _ordered_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:
+    """`map` over a thread pool with results in input order and at most 2 x threads in flight
+    (so a pass over many files never holds more than a few files' results)."""
+    if threads <= 1 or len(items) <= 1:
+        yield from (fn(item) for item in items)
+        return
+    pool = ThreadPoolExecutor(threads)
+    try:
+        pending: list[Future] = []
+        queue = iter(items)
+        for item in queue:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                break
+        while pending:
+            result = pending.pop(0).result()
+            for item in queue:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -183,6 +183,10 @@ class FeedSimulator:
         author_bias = 0.1 * author_log_pop + rng.normal(0.0, 0.5, na)
         author_followers_log = np.log1p(np.exp(7.0 + 1.5 * author_log_pop + rng.normal(0, 0.5, na)))
         author_main_category = rng.integers(0, nc, na)
+        # Content farms: clickbait and quality are largely an author's trait, as on real feeds,
+        # which is also what lets a model learn them from few impressions per video.
+        author_clickbait = rng.random(na) < self.clickbait_share
+        author_quality = rng.normal(0.0, 0.8, na)
 
         # Videos.
         video_author = rng.integers(0, na, nv)
@@ -192,8 +196,15 @@ class FeedSimulator:
         )
         video_len_s = np.clip(np.round(np.exp(rng.normal(np.log(30.0), 0.9, nv))), 5.0, 300.0)
         video_base_age_days = rng.exponential(30.0, nv)
-        is_clickbait = rng.random(nv) < self.clickbait_share
-        quality = np.where(is_clickbait, rng.normal(-1.8, 0.5, nv), rng.normal(0.0, 1.0, nv))
+        # 80% of a farm's videos are clickbait; others rarely, keeping the overall share.
+        share = self.clickbait_share
+        other_rate = 0.2 * share / (1.0 - share)
+        is_clickbait = rng.random(nv) < np.where(author_clickbait[video_author], 0.8, other_rate)
+        quality = np.where(
+            is_clickbait,
+            rng.normal(-1.8, 0.5, nv),
+            author_quality[video_author] + rng.normal(0.0, 0.6, nv),
+        )
         # Good videos are only mildly more appealing; clickbait is far more appealing.
         appeal = 0.15 * quality + rng.normal(0.0, 0.45, nv) + np.where(is_clickbait, 1.4, 0.0)
         video_weight = np.exp(0.8 * author_log_pop[video_author] + rng.normal(0.0, 1.8, nv))
@@ -258,7 +269,7 @@ class FeedSimulator:
         )
         p_click = _sigmoid(click_logit)
         patience = w.user_patience[user]
-        q_finish = _sigmoid(0.3 + 1.0 * quality - 1.0 * np.log(length / 30.0) + patience)
+        q_finish = _sigmoid(0.3 + 1.5 * quality - 1.0 * np.log(length / 30.0) + patience)
         watch_mean = 0.1 + 0.6 * _sigmoid(0.8 * quality + patience)
         like_logit = 0.7 * quality + w.user_like[user]
         q_like_finished = _sigmoid(-1.0 + like_logit)

@@ -1,0 +1,469 @@
+"""`python -m train.report`: run discovery, labels, best/Pareto marks, the files it writes —
+on hand-made run folders (fast), on a real three-scheme sweep (e2e), and from S3 (moto)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train import report
+from train.report import Run, build_report, find_runs, label_runs, main
+
+ROOT = Path(__file__).resolve().parents[1]
+BEHAVIOURS = {"click": "click", "finish": "finish", "watch_time": "watch_s", "like": "like"}
+SEED_TERMS = [
+    {"behaviour": "click", "coef": 1, "transform": "indicator"},
+    {"behaviour": "finish", "coef": 3, "transform": "indicator"},
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: run folders as the job writes them
+# --------------------------------------------------------------------------------------------
+
+
+def weights(name: str, normalize: str = "none", **knobs) -> dict:
+    return {
+        "_target_": "train.weights.build_scheme",
+        "name": name,
+        "label": "click",
+        **knobs,
+        "terms": SEED_TERMS if knobs else [],
+        "negative_weight": 1.0,
+        "combine": "sum",
+        "normalize": normalize,
+    }
+
+
+def metrics(click, finish, watch, like, oracle=True, split="test") -> dict:
+    """The keys the job writes: binary behaviours have auc/gauc, the label logloss and
+    calibration too, the continuous one (watch_time) auc and xauc."""
+    out = {
+        f"{split}/click/auc": click,
+        f"{split}/click/gauc": click - 0.02,
+        f"{split}/click/logloss": 1 - click,
+        f"{split}/click/calibration": 1.0 + (0.8 - click),
+        f"{split}/finish/auc": finish,
+        f"{split}/finish/gauc": finish - 0.02,
+        f"{split}/watch_time/auc": click,
+        f"{split}/watch_time/xauc": watch,
+        f"{split}/like/auc": like,
+        f"{split}/like/gauc": like - 0.02,
+        "val/click/auc": click,
+    }
+    if oracle:
+        for key in list(out):
+            split_, behaviour, metric = key.split("/")
+            if split_ == split:
+                out[f"{split}/{behaviour}/oracle_{metric}"] = 0.9 if metric != "logloss" else 0.3
+    return out
+
+
+def make_run(folder: Path, weights_config: dict, values: dict, seed: int = 0) -> Path:
+    folder.mkdir(parents=True)
+    config = {
+        "data": {"behaviours": BEHAVIOURS, "simulator": {"seed": seed}},
+        "weights": weights_config,
+        "seed": seed,
+        "paths": {"output_dir": str(folder)},
+        "trainer": {"default_root_dir": str(folder), "max_epochs": 1},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "stats.json").write_text("{}")
+    (folder / "metrics.json").write_text(json.dumps(values))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Three schemes on one test set: click_only is dominated by seed; seed and watch_time
+    trade clicks against watch time (both Pareto-optimal)."""
+    root = tmp_path / "sweep"
+    make_run(root / "0_click_only", weights("click_only"), metrics(0.70, 0.60, 0.60, 0.55))
+    make_run(root / "1_seed", weights("seed", click=1, finish=3), metrics(0.72, 0.65, 0.62, 0.57))
+    make_run(
+        root / "2_watch_time",
+        weights("watch_time", normalize="mean", seconds=1),
+        metrics(0.68, 0.63, 0.70, 0.56),
+    )
+    return root
+
+
+def read_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's header, after checking it is one, and that it decodes to
+    an image that is not blank."""
+    import matplotlib.image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
+    assert pixels.shape[:2] == (height, width)
+    assert pixels.std() > 0.01, "the image is blank"
+    return width, height
+
+
+# --------------------------------------------------------------------------------------------
+# fast: hand-made runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_finds_runs_and_skips_unfinished_folders(sweep: Path):
+    (sweep / "3_crashed").mkdir()
+    (sweep / "3_crashed" / "config.yaml").write_text("weights: {name: seed}\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    runs, notes = find_runs([str(sweep)])
+    assert [Path(r.url).name for r in runs] == ["0_click_only", "1_seed", "2_watch_time"]
+    assert len(notes) == 1 and "3_crashed" in notes[0] and "no metrics.json" in notes[0]
+    # a run folder given directly, and overlapping roots, count each run once
+    runs, _ = find_runs([str(sweep / "1_seed"), str(sweep)])
+    assert len(runs) == 3
+
+
+def test_labels_name_the_non_default_knobs(tmp_path: Path):
+    def run(name: str, w: dict, seed: int = 0) -> Run:
+        folder = str(tmp_path / name)
+        config = {"weights": w, "seed": seed, "paths": {"output_dir": folder}}
+        return Run(folder, {}, config)
+
+    shipped = yaml.safe_load((ROOT / "conf/weights/seed.yaml").read_text())
+    default_finish = shipped["finish"]
+    runs = [
+        run("a", weights("seed", click=1, finish=default_finish, long_watch=5, long_watch_s=30)),
+        run("b", weights("seed", click=1, finish=10, long_watch=5, long_watch_s=30)),
+        run("c", weights("seed", click=1, finish=2.5, long_watch=5, long_watch_s=30)),
+        run("d", {**weights("click_only"), "negative_weight": 0.5}),
+        # a scheme that is not shipped: the knobs that vary between its runs are named
+        run("e", weights("mine", a=1, b=7)),
+        run("f", weights("mine", a=2, b=7)),
+    ]
+    assert label_runs(runs) == [
+        "seed",
+        "seed finish=10",
+        "seed finish=2.5",
+        "click_only negative_weight=0.5",
+        "mine a=1",
+        "mine a=2",
+    ]
+
+
+def test_equal_labels_are_told_apart_by_config_or_number(tmp_path: Path):
+    def run(name: str, seed: int) -> Run:
+        folder = str(tmp_path / name)
+        config = {
+            "weights": weights("click_only"),
+            "seed": seed,
+            "paths": {"output_dir": folder},
+            "trainer": {"default_root_dir": folder},  # differs only by the run's own folder
+        }
+        return Run(folder, {}, config)
+
+    assert label_runs([run("a", 0), run("b", 1)]) == ["click_only [seed=0]", "click_only [seed=1]"]
+    assert label_runs([run("a", 0), run("b", 0)]) == ["click_only #1", "click_only #2"]
+
+
+def test_report_files_mark_best_and_pareto(sweep: Path):
+    written = main([str(sweep)])
+    assert written == [str(sweep / f) for f in ("report.md", "report.csv", "pareto.png")]
+
+    rows = read_csv((sweep / "report.csv").read_text())
+    by_label = {r["scheme"]: r for r in rows}
+    assert list(by_label) == ["click_only", "seed", "watch_time", "oracle"]
+    assert [by_label[s]["pareto"] for s in by_label] == ["0", "1", "1", ""]
+    assert by_label["oracle"]["kind"] == "oracle"
+    assert float(by_label["seed"]["click/auc"]) == 0.72
+    assert float(by_label["oracle"]["click/auc"]) == 0.9  # from test/click/oracle_auc
+    # best per column, oracle excluded; logloss is best when lowest, calibration nearest 1
+    assert "click/auc" in by_label["seed"]["best_in"].split(";")
+    assert "click/logloss" in by_label["seed"]["best_in"].split(";")
+    assert "click/calibration" in by_label["seed"]["best_in"].split(";")
+    assert by_label["watch_time"]["best_in"].split(";") == ["watch_time/xauc"]
+    assert by_label["click_only"]["best_in"] == "" and by_label["oracle"]["best_in"] == ""
+    assert by_label["seed"]["run"] == str(sweep / "1_seed")
+    assert "val/click/auc" not in rows[0] and "click/oracle_auc" not in rows[0]
+
+    md = (sweep / "report.md").read_text()
+    assert "| seed | ✓ | **0.7200** |" in md
+    assert "| click_only |  | 0.7000 |" in md
+    assert "**0.7000**" in md  # watch_time/xauc of watch_time
+    assert "`click/auc` ↑, `finish/auc` ↑, `watch_time/xauc` ↑, `like/auc` ↑" in md
+    # changes against click_only, in the chosen metrics
+    assert "| seed | +0.0200 | +0.0500 | +0.0200 | +0.0200 |" in md
+    assert "![Pareto fronts](pareto.png)" in md
+    width, height = png_size((sweep / "pareto.png").read_bytes())
+    assert 800 <= width <= 4000 and 500 <= height <= 4000  # 4 metrics: 6 panels, 3 a row
+
+
+def test_default_metrics_tell_binary_from_continuous(sweep: Path):
+    runs, _ = find_runs([str(sweep)])
+    rep = build_report(runs)
+    # watch_time has xauc (continuous); its auc exists too but is not chosen
+    assert rep.chosen == ["click/auc", "finish/auc", "watch_time/xauc", "like/auc"]
+    assert rep.directions == ["max"] * 4
+    assert rep.columns[:4] == ["click/auc", "click/gauc", "click/logloss", "click/calibration"]
+
+
+def test_chosen_metrics_with_a_minimised_one(sweep: Path):
+    runs, _ = find_runs([str(sweep)])
+    # an extra run: worst AUC but lowest logloss -> optimal only when logloss is minimised
+    extra = dict(runs[0].metrics)
+    extra["test/click/auc"], extra["test/click/logloss"] = 0.60, 0.10
+    runs.append(Run("x", extra, {"weights": weights("seed", click=1, finish=9)}))
+    labels = ["click_only", "seed", "seed finish=9", "watch_time"]
+
+    rep = build_report(runs, ["click/auc", "click/logloss"])
+    assert rep.directions == ["max", "min"]
+    assert [r.label for r in rep.rows[:-1]] == labels
+    assert rep.pareto == [False, True, True, False, None]
+    rep = build_report(runs, ["click/auc", "click/logloss:max"])
+    # maximised, logloss trades off against AUC here (logloss = 1 - AUC): only the run low
+    # on both is dominated
+    assert rep.pareto == [True, True, False, True, None]
+    # a bare metric means that metric of every behaviour that has it
+    rep = build_report(runs, ["gauc"])
+    assert rep.chosen == ["click/gauc", "finish/gauc", "like/gauc"]
+    png_size(report.plot_pareto(build_report(runs, ["click/auc"])))  # one metric: one strip
+
+
+def test_many_metrics_plot(sweep: Path):
+    runs, _ = find_runs([str(sweep)])
+    rep = build_report(runs, ["auc", "watch_time/xauc"])
+    assert len(rep.chosen) == 5  # 10 panels, 3 a row
+    width, height = png_size(report.plot_pareto(rep))
+    assert height > width / 2
+
+
+def test_nan_metric_is_not_ranked_nor_best(sweep: Path):
+    values = metrics(0.99, 0.99, 0.99, 0.99)
+    values["test/like/auc"] = None  # how the job writes NaN (e.g. one class only)
+    make_run(sweep / "3_nan", weights("seed", click=1, finish=20), values)
+    main([str(sweep)])
+    rows = {r["scheme"]: r for r in read_csv((sweep / "report.csv").read_text())}
+    assert rows["seed finish=20"]["pareto"] == "0"
+    assert rows["seed finish=20"]["like/auc"] == ""
+    assert "like/auc" not in rows["seed finish=20"]["best_in"]
+    assert "click/auc" in rows["seed finish=20"]["best_in"]
+    md = (sweep / "report.md").read_text()
+    assert "not ranked (a chosen metric is missing or NaN): seed finish=20" in md
+
+
+def test_notes_on_different_test_data(sweep: Path):
+    other = metrics(0.71, 0.6, 0.6, 0.6)
+    other["test/click/oracle_auc"] = 0.8
+    make_run(sweep / "3_other", weights("seed", click=1, finish=7), other, seed=1)
+    main([str(sweep)])
+    md = (sweep / "report.md").read_text()
+    assert "| *oracle (mean)* |" in md
+    assert "evaluated on different test data" in md
+    assert "data.simulator.seed" in md
+
+
+def test_out_and_baseline_options(sweep: Path, tmp_path: Path):
+    out = tmp_path / "elsewhere" / "report"
+    main([str(sweep), "--out", str(out), "--baseline", "seed", "--split", "test"])
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.csv", "report.md"]
+    assert not (sweep / "report.md").exists()
+    md = (out / "report.md").read_text()
+    assert "## Change against `seed`" in md
+    assert "| click_only | -0.0200 | -0.0500 | -0.0200 | -0.0200 |" in md
+    # a second report over a folder holding a report reads the same runs
+    main([str(sweep), "--out", str(sweep)])
+    main([str(sweep)])
+    assert len(read_csv((sweep / "report.csv").read_text())) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metrics", "click/ndcg"], "no run has 'click/ndcg'; available: click/auc"),
+        (["--metrics", "click/calibration"], "has no default direction"),
+        (["--metrics", "click/auc:up"], "direction must be 'max' or 'min'"),
+        (["--baseline", "nope"], "'nope' is not a row label; the rows are: click_only, seed"),
+        (
+            ["--split", "train"],
+            "no run has metrics of split 'train'; the runs have ['test', 'val']",
+        ),
+    ],
+)
+def test_bad_options_fail_clearly_and_write_nothing(sweep: Path, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(sweep), *args])
+    assert message in str(exit_.value)
+    assert not (sweep / "report.md").exists() and not (sweep / "pareto.png").exists()
+
+
+def test_bad_folders_fail_clearly(tmp_path: Path, sweep: Path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no run found below .*empty: a run is a folder"):
+        main([str(tmp_path / "empty")])
+    (sweep / "1_seed" / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"1_seed/metrics.json: not valid JSON"):
+        main([str(sweep)])
+    (sweep / "1_seed" / "metrics.json").write_text('{"test/click/auc": "high"}')
+    with pytest.raises(SystemExit, match=r"1_seed/metrics.json: key 'test/click/auc' holds 'high'"):
+        main([str(sweep)])
+
+
+# --------------------------------------------------------------------------------------------
+# slow: a real sweep, and the same runs read back from S3
+# --------------------------------------------------------------------------------------------
+
+TINY = [
+    "hardware=cpu",
+    "trainer.max_epochs=1",
+    "data.simulator.n_train=20000",
+    "data.simulator.n_val=5000",
+    "data.simulator.n_test=5000",
+    "data.simulator.n_users=500",
+    "data.simulator.n_videos=1000",
+    "data.simulator.n_authors=100",
+]
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory) -> Path:
+    """`python -m train -m weights=click_only,seed,watch_time` on tiny simulated data."""
+    folder = tmp_path_factory.mktemp("sweep") / "schemes"
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "-m",
+        "weights=click_only,seed,watch_time",
+        *TINY,
+        f"hydra.sweep.dir={folder}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder
+
+
+def run_report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "train.report", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.e2e
+def test_report_of_a_real_sweep(real_sweep: Path):
+    done = run_report(str(real_sweep))
+    assert "| scheme | pareto | click/auc |" in done.stdout
+    rows = read_csv((real_sweep / "report.csv").read_text())
+    assert [r["scheme"] for r in rows] == ["click_only", "seed", "watch_time", "oracle"]
+    assert {r["kind"] for r in rows} == {"scheme", "oracle"}
+    schemes = rows[:3]
+    assert any(r["pareto"] == "1" for r in schemes)
+    for column in ("click/auc", "finish/auc", "watch_time/xauc", "like/auc"):
+        values = [float(r[column]) for r in schemes]
+        assert all(0 < v < 1 for v in values)
+        best = [r["scheme"] for r in schemes if column in r["best_in"].split(";")]
+        assert best == [schemes[values.index(max(values))]["scheme"]]
+        assert 0.5 < float(rows[3][column]) < 1  # the oracle ranks better than chance
+    md = (real_sweep / "report.md").read_text()
+    assert md.count("**") >= 2 * 4  # at least one best value per chosen column
+    width, height = png_size((real_sweep / "pareto.png").read_bytes())
+    assert 800 <= width <= 4000 and 500 <= height <= 4000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on loopback, started and stopped by this module."""
+    pytest.importorskip("s3fs")
+    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(server).exists():
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on port {port}") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.e2e
+@pytest.mark.s3
+def test_report_reads_runs_from_s3(real_sweep: Path, s3_endpoint: str):
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    fs = s3fs.S3FileSystem(
+        key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint}
+    )
+    fs.mkdir("bucket")
+    for run in sorted(p for p in real_sweep.iterdir() if p.is_dir()):
+        # everything the run wrote but its checkpoints (tens of MB, not read by the report)
+        for file in run.rglob("*"):
+            if file.is_file() and "checkpoints" not in file.parts:
+                fs.put_file(str(file), f"bucket/sweeps/x/{run.name}/{file.relative_to(run)}")
+    fs.put_file(str(ROOT / "pyproject.toml"), "bucket/sweeps/x/not-a-run/notes.txt")
+
+    run_report("s3://bucket/sweeps/x", env=env)
+    fs.invalidate_cache()
+    assert {p.rsplit("/", 1)[1] for p in fs.ls("bucket/sweeps/x")} >= {
+        "report.md",
+        "report.csv",
+        "pareto.png",
+    }
+    remote = read_csv(fs.cat_file("bucket/sweeps/x/report.csv").decode())
+    run_report(str(real_sweep), "--out", str(real_sweep / "local"))
+    local = read_csv((real_sweep / "local" / "report.csv").read_text())
+    # the same table, only the run folders differ
+    assert [{k: v for k, v in r.items() if k != "run"} for r in remote] == [
+        {k: v for k, v in r.items() if k != "run"} for r in local
+    ]
+    assert remote[0]["run"].startswith("s3://bucket/sweeps/x/0_")
+    width, height = png_size(fs.cat_file("bucket/sweeps/x/pareto.png"))
+    assert width > 500 and height > 300
+    assert "s3://bucket/sweeps/x" in fs.cat_file("bucket/sweeps/x/report.md").decode()
+    assert not math.isnan(float(remote[0]["click/auc"]))
