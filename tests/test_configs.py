@@ -59,7 +59,15 @@ def files_overrides(tmp_path: Path) -> list[str]:
 
 
 def test_groups_are_the_axes_of_variation():
-    assert set(GROUPS) >= {"data", "model", "weights", "optimizer", "scheduler", "hardware", "logger"}
+    assert set(GROUPS) >= {
+        "data",
+        "model",
+        "weights",
+        "optimizer",
+        "scheduler",
+        "hardware",
+        "logger",
+    }
 
 
 @pytest.mark.parametrize(

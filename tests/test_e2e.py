@@ -43,9 +43,7 @@ def expected_keys() -> set[str]:
     for split in ("val", "test"):
         for b in ("click", "finish", "like"):
             keys |= {f"{split}/{b}/{m}" for m in ("auc", "gauc", "oracle_auc", "oracle_gauc")}
-        keys |= {
-            f"{split}/watch_time/{m}" for m in ("xauc", "auc", "oracle_xauc", "oracle_auc")
-        }
+        keys |= {f"{split}/watch_time/{m}" for m in ("xauc", "auc", "oracle_xauc", "oracle_auc")}
         keys |= {
             f"{split}/click/{m}"
             for m in ("logloss", "calibration", "oracle_logloss", "oracle_calibration")

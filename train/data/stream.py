@@ -346,7 +346,7 @@ def loader_context(worker_start: str) -> multiprocessing.context.BaseContext:
         )
     context = multiprocessing.get_context(worker_start)
     if worker_start == "forkserver":
-        context.set_forkserver_preload(["train.data.stream"])
+        context.set_forkserver_preload(["__main__", "train.data.stream"])
     return context
 
 
