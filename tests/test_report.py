@@ -275,6 +275,16 @@ def test_notes_on_different_test_data(sweep: Path):
     assert "data.simulator.seed" in md
 
 
+def test_note_when_only_the_oracle_xauc_differs(sweep: Path):
+    # same test data, another `seed`: only the sampled XAUC pairs differ
+    other = metrics(0.71, 0.6, 0.6, 0.6)
+    other["test/watch_time/oracle_xauc"] = 0.8995
+    make_run(sweep / "3_other", weights("seed", click=1, finish=7), other)
+    runs, _ = find_runs([str(sweep)])
+    notes = build_report(runs).notes
+    assert len(notes) == 1 and "XAUC is estimated on random pairs" in notes[0]
+
+
 def test_out_and_baseline_options(sweep: Path, tmp_path: Path):
     out = tmp_path / "elsewhere" / "report"
     main([str(sweep), "--out", str(out), "--baseline", "seed", "--split", "test"])
@@ -327,6 +337,8 @@ def test_bad_folders_fail_clearly(tmp_path: Path, sweep: Path):
 # slow: a real sweep, and the same runs read back from S3
 # --------------------------------------------------------------------------------------------
 
+# Exactly these overrides: with the default `hydra.sweep.subdir` (every override in the folder
+# name) one more override makes a folder name longer than 255 bytes.
 TINY = [
     "hardware=cpu",
     "trainer.max_epochs=1",

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,7 +340,8 @@ def _init_worker(worker_id: int) -> None:
 def loader_context(worker_start: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for DataLoader workers. forkserver (the default) and spawn
     start workers from a clean process, never from a parent holding open s3fs/gcsfs clients;
-    forkserver preloads this module once so each worker starts in milliseconds."""
+    forkserver imports this module once, so a worker starts in milliseconds instead of
+    re-importing torch each epoch."""
     if worker_start not in multiprocessing.get_all_start_methods():
         raise DataError(
             f"data.worker_start={worker_start!r} is not available here; choose one of "
@@ -346,8 +349,26 @@ def loader_context(worker_start: str) -> multiprocessing.context.BaseContext:
         )
     context = multiprocessing.get_context(worker_start)
     if worker_start == "forkserver":
-        context.set_forkserver_preload(["__main__", "train.data.stream"])
+        context.set_forkserver_preload(["train.data.stream"])
     return context
+
+
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """While workers start, keep them from re-importing the main script or module (what
+    spawn/forkserver children do by default: seconds of imports per worker per epoch). A stream
+    worker needs nothing from `__main__`: everything it unpickles lives in `train.data`."""
+    main = sys.modules.get("__main__")
+    saved = {k: vars(main)[k] for k in ("__file__", "__spec__") if main and k in vars(main)}
+    if not saved:
+        yield
+        return
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 class StreamBatches:
@@ -362,30 +383,30 @@ class StreamBatches:
         prefetch_factor: int = 2,
     ) -> None:
         if max(1, num_workers) != dataset.workers:
-            raise ValueError("dataset.workers must be max(1, num_workers)")
-        self.dataset = dataset
+            raise ValueError("stream.workers must be max(1, num_workers)")
+        self.stream = dataset
         self.num_workers = num_workers
         self.context = loader_context(worker_start) if num_workers > 0 else None
         self.prefetch_factor = prefetch_factor
-        self.seed = dataset.seed
-        self.epoch = 0
-        self.batches_done = 0
 
     def __len__(self) -> int:
-        return self.dataset.num_batches
+        return self.stream.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from self._loader()
+        yield from self._batches()
 
-    def _loader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
+    def _batches(self) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.stream,
             batch_size=None,
             num_workers=self.num_workers,
             multiprocessing_context=self.context,
             worker_init_fn=_init_worker if self.num_workers else None,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
+        with _main_script_hidden():
+            batches = iter(loader)  # starts the workers
+        yield from batches
 
 
 class StreamTrainBatches(StreamBatches):
@@ -393,14 +414,20 @@ class StreamTrainBatches(StreamBatches):
     `state_dict`, so a resumed run continues with the exact batch sequence of an uninterrupted
     one, like the in-memory `TrainBatches`."""
 
+    def __init__(self, dataset: StreamDataset, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.seed = dataset.seed
+        self.epoch = 0
+        self.batches_done = 0
+
     def __iter__(self) -> Iterator[Batch]:
         if self.batches_done >= len(self):
             # The previous epoch ran to its end: the roll-over happens here, as in TrainBatches
             # (the trainer may stop after len() batches without exhausting this generator).
             self.epoch += 1
             self.batches_done = 0
-        self.dataset.epoch, self.dataset.start = self.epoch, self.batches_done
-        for batch in self._loader():
+        self.stream.epoch, self.stream.start = self.epoch, self.batches_done
+        for batch in self._batches():
             self.batches_done += 1
             yield batch
 
