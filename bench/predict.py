@@ -7,7 +7,8 @@ with missing values, the default DNN: embedding 16, MLP 256-128-64) with the sam
 the CPU. `predict` does everything a job does: reads the Parquet file, hashes ids, standardises
 dense features, runs the network and writes Parquet (2 id columns + score). The raw pass runs
 the same scorer over the same rows already featurised into in-memory tensors, batch by batch.
-Each is timed in 3 interleaved rounds, the fastest kept. Prints rows/s and, last, `ratio <predict/raw>`.
+Each is timed in 3 interleaved rounds, the fastest kept. Prints rows/s and, last,
+`ratio <predict/raw>`.
 """
 
 from __future__ import annotations

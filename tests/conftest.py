@@ -64,8 +64,8 @@ class S3Server:
       a subprocess (`{**os.environ, **server.env}`) or `monkeypatch.setenv`.
     - `storage_options`: the same as fsspec/s3fs options (`data.storage_options`).
     - `bucket(prefix)`: creates a fresh bucket and returns its URL, "s3://prefix-xxxxxxxx".
-    - `http_url(s3_url)`: the object's plain HTTP URL (moto serves objects anonymously),
-      for read-only `https://`-style tests.
+    - `http_url(s3_url)`: a presigned plain-HTTP URL of the object (signature in the query
+      string), for read-only `https://`-style tests.
     """
 
     endpoint_url: str
@@ -79,7 +79,7 @@ class S3Server:
         return {
             "key": self.key,
             "secret": self.secret,
-            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region},
+            "client_kwargs": {"endpoint_url": self.endpoint_url},
         }
 
     def filesystem(self) -> Any:
@@ -92,8 +92,8 @@ class S3Server:
         self.filesystem().mkdir(name)
         return f"s3://{name}"
 
-    def http_url(self, s3_url: str) -> str:
-        return f"{self.endpoint_url}/{s3_url.removeprefix('s3://')}"
+    def http_url(self, s3_url: str, expires: int = 3600) -> str:
+        return self.filesystem().url(s3_url.removeprefix("s3://"), expires=expires)
 
 
 def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, S3Server]:

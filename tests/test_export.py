@@ -92,7 +92,8 @@ def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path
     # devices, null ids, null and NaN dense values.
     table = simulated(run, "test").slice(0, 600)
     n = table.num_rows
-    video = [f"vidéo-{v}" if i % 3 else str(v) for i, v in enumerate(table["video_id"].to_pylist())]
+    ids = table["video_id"].to_pylist()
+    video = [f"vidéo-{v}" if i % 3 else str(v) for i, v in enumerate(ids)]
     user = [None if i % 9 == 0 else u for i, u in enumerate(table["user_id"].to_pylist())]
     age = table["video_age_days"].to_pylist()
     age = [None if i % 13 == 0 else a for i, a in enumerate(age)]
@@ -136,7 +137,8 @@ def test_serve_py_reports_bad_input_without_a_traceback(tmp_path):
     served = serve_isolated(
         tmp_path / "artifact",
         [
-            '{"user_id": 1, "video_id": 7, "device": "ios", "video_len_s": 3, "user_activity": 1}\n',
+            '{"user_id": 1, "video_id": 7, "device": "ios", "video_len_s": 3, '
+            '"user_activity": 1}\n',
             '{"user_id": 1, "video_id": 2.5, "device": "ios", "video_len_s": null}\n',
         ],
         tmp_path,

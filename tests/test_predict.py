@@ -126,6 +126,17 @@ def test_csv_parquet_folders_and_processes_score_every_row_once(tmp_path):
     single = pq.read_table(tmp_path / "one.parquet")
     assert single.column("row").to_pylist() == list(range(3000))
 
+    # A process that fails (a dense column of strings in the last file) fails the job and
+    # leaves nothing that could pass for a result.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    pq.write_table(table.slice(0, 1000), broken / "a.parquet")
+    bad = table.slice(1000).set_column(4, "video_len_s", pa.array(["?"] * 2000))
+    pq.write_table(bad, broken / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: dense column 'video_len_s' has type string"):
+        predict(str(ckpt), str(broken), str(tmp_path / "failed"), procs=2)
+    assert not (tmp_path / "failed").exists()
+
     out = tmp_path / "parts"
     summary = predict(
         str(ckpt), str(folder), str(out), keep=["row", "device"], procs=2, batch_size=128

@@ -6,10 +6,11 @@ import sys
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import outputs, resolvers
+from train import fusion, outputs, resolvers, resume, warmstart
 from train.data import DataError
 from train.module import RankingModule
 from train.weights import SchemeError
@@ -44,16 +45,29 @@ def main(cfg: DictConfig) -> float:
         xauc_pairs=cfg.xauc_pairs,
         seed=cfg.seed,
         artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme),
+        positive_mean=fusion.positive_means(stats),  # scales the weighted head of model=multihead
+        predictions=f"{run_dir}/{fusion.PREDICTIONS_FILE}",  # every head's test probabilities
     )
+    if cfg.init_from:  # weights only, checked against this run's model before anything is written
+        try:
+            args = (cfg.init_from, data.spec, container(cfg.model), cfg.ckpt_path)
+            print(warmstart.init_from(module, *args))
+        except warmstart.WarmStartError as err:
+            outputs.remove_if_empty(run_dir)
+            sys.exit(f"error: {err}")
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger)
+        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=resume.plugins()
     )
+    try:  # ckpt_path, or with resume=auto the newest loadable checkpoint of this run folder
+        ckpt_path = resume.select_checkpoint(cfg.resume, cfg.ckpt_path, resume.folders(trainer))
+    except resume.ResumeError as err:
+        sys.exit(f"error: {err}")
     if trainer.is_global_zero:
         outputs.write_text(f"{run_dir}/config.yaml", outputs.config_yaml(container(cfg)))
         outputs.write_text(f"{run_dir}/stats.json", stats.to_json())
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     best = (
         "best"
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
@@ -68,6 +82,8 @@ def main(cfg: DictConfig) -> float:
         outputs.write_json(f"{run_dir}/metrics.json", metrics)
         print(f"\n{scheme.describe()}\n{outputs.format_table(metrics, data.spec.behaviour_names)}")
         print(f"run folder: {run_dir}")
+    if torch.distributed.is_initialized():  # under torchrun rank 0 may abort at exit without it
+        torch.distributed.destroy_process_group()
     return metrics.get(cfg.monitor.replace("val/", "test/", 1), float("nan"))
 
 

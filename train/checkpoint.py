@@ -19,6 +19,7 @@ from fsspec.core import url_to_fs
 from torch import nn
 
 from train.data.features import FeatureSpec
+from train.data.io import safe_url, scrub
 
 FORMAT = 1
 TRUSTED_MODULES = ("train.",)
@@ -32,20 +33,29 @@ class CheckpointError(ValueError):
 def read(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict at `url`, loaded with `weights_only=True` onto the CPU."""
     try:
+        return _read(url, storage_options)
+    except CheckpointError as err:
+        # Messages name the URL and storage errors: never with the credentials in them.
+        raise CheckpointError(scrub(str(err), storage_options)) from err.__cause__
+
+
+def _read(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    shown = safe_url(url)
+    try:
         fs, path = url_to_fs(url, **dict(storage_options or {}))
         with fs.open(path, "rb") as handle:
             checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise CheckpointError(f"ckpt={url}: no such file") from err
+        raise CheckpointError(f"ckpt={shown}: no such file") from err
     except IsADirectoryError as err:
-        raise CheckpointError(f"ckpt={url}: is a folder; expected a .ckpt file") from err
+        raise CheckpointError(f"ckpt={shown}: is a folder; expected a .ckpt file") from err
     except PermissionError as err:
-        raise CheckpointError(f"ckpt={url}: access denied ({err})") from err
+        raise CheckpointError(f"ckpt={shown}: access denied ({err})") from err
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise CheckpointError(_corrupt(url, err)) from err
         raise CheckpointError(
-            f"ckpt={url}: refused to load: it holds Python objects that only unpickling (running "
+            f"ckpt={shown}: refused to load: it holds Python objects that only unpickling (running "
             f"code from the file) could rebuild ({_unsupported(err)}); upweight checkpoints hold "
             "only tensors and plain values"
         ) from err
@@ -53,7 +63,7 @@ def read(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str
         raise CheckpointError(_corrupt(url, err)) from err
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f"ckpt={url}: holds a {type(checkpoint).__name__}; expected a checkpoint dict "
+            f"ckpt={shown}: holds a {type(checkpoint).__name__}; expected a checkpoint dict "
             "written by `python -m train`"
         )
     return checkpoint
@@ -77,7 +87,7 @@ def load(
 ) -> Checkpoint:
     """Read `url` and rebuild its scorer (on the CPU, in eval mode)."""
     checkpoint = read(url, storage_options)
-    where = f"ckpt={url}"
+    where = f"ckpt={safe_url(url)}"
     artifact = checkpoint.get("upweight")
     if not isinstance(artifact, dict):
         raise CheckpointError(
@@ -249,8 +259,8 @@ class Scorer(nn.Module):
 
 def _corrupt(url: str, err: BaseException) -> str:
     return (
-        f"ckpt={url}: not a complete torch checkpoint (truncated, or not written by torch.save): "
-        f"{type(err).__name__}: {_first_line(err)}"
+        f"ckpt={safe_url(url)}: not a complete torch checkpoint (truncated, or not written by "
+        f"torch.save): {type(err).__name__}: {_first_line(err)}"
     )
 
 

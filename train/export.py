@@ -141,15 +141,17 @@ def export(
     names = [serve.PROGRAM, serve.SPEC, "serve.py"]
     try:
         if fs.isfile(path):
-            raise ExportError(f"out={out} is a file; expected a folder for the artifact")
+            raise ExportError(f"out={safe_url(out)} is a file; expected a folder for the artifact")
         existing = [n for n in names if fs.exists(f"{path.rstrip('/')}/{n}")]
         if existing and not overwrite:
             raise ExportError(
-                f"out={out} already holds an artifact ({existing}); pass overwrite=true to "
-                "replace it, or give a new folder"
+                f"out={safe_url(out)} already holds an artifact ({existing}); pass "
+                "overwrite=true to replace it, or give a new folder"
             )
     except OSError as err:
-        raise ExportError(f"out={out}: cannot check it ({type(err).__name__}: {err})") from err
+        raise ExportError(
+            f"out={safe_url(out)}: cannot check it ({type(err).__name__}: {err})"
+        ) from err
     artifact = build(load(ckpt, options, trusted_models))
     try:
         fs.makedirs(path, exist_ok=True)
@@ -157,7 +159,9 @@ def export(
         for name in sorted(artifact.files, key=lambda n: n == serve.SPEC):
             _write(fs, f"{path.rstrip('/')}/{name}", artifact.files[name])
     except OSError as err:
-        raise ExportError(f"out={out}: cannot write there ({type(err).__name__}: {err})") from err
+        raise ExportError(
+            f"out={safe_url(out)}: cannot write there ({type(err).__name__}: {err})"
+        ) from err
     return artifact
 
 
@@ -217,9 +221,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"error: {err}")
     sizes = ", ".join(f"{n} {len(b) / 1e6:.1f} MB" for n, b in artifact.files.items())
     print(
-        f"exported {safe_url(cfg.ckpt)} -> {cfg.out} ({sizes}); the program matches the "
-        f"checkpoint to {artifact.max_difference:.1g}\n"
-        f"score raw rows: python {cfg.out.rstrip('/')}/serve.py {cfg.out} < rows.jsonl"
+        f"exported {safe_url(cfg.ckpt)} -> {safe_url(cfg.out)} ({sizes}); the program matches "
+        f"the checkpoint to {artifact.max_difference:.1g}\n"
+        "score raw rows: python ARTIFACT/serve.py ARTIFACT < rows.jsonl"
     )
 
 

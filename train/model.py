@@ -1,12 +1,14 @@
 """Ranking networks: plain `nn.Module`s that map (hashed ids, standardised dense features) to one
-logit per impression. No Lightning, no config types: any module with this call signature plugs in
+logit per impression (`MultiHead`: one per behaviour). No Lightning, no config types: any module with this call signature plugs in
 through `conf/model/` (the trainer passes `cardinalities` and `num_dense`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -54,11 +56,8 @@ class DNN(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         sparse_embeddings: bool = True,
-        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embedding_l2 = embedding_l2
-        self.penalty = torch.zeros(())
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation {activation!r} is not one of {list(ACTIVATIONS)}")
         if not 0 <= dropout < 1:
@@ -73,10 +72,93 @@ class DNN(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1)
+        return self.mlp(x).squeeze(1)
+
+
+class MultiHead(nn.Module):
+    """Shared bottom + one small head per behaviour -> logits [rows, heads] (`model=multihead`).
+
+    The bottom is the DNN's (hashed embeddings + dense inputs -> MLP trunk); each head is a small
+    MLP on the trunk's output, trained on its own behaviour. The ranking score fuses the heads:
+    Σ_b α_b·log p_b with α from `fusion` (heads left out weigh 0; None: the first head alone).
+    `score` returns exp of that, Π_b p_b^α_b, for prediction and export.
+    """
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        heads: Sequence[str],
+        fusion: Mapping[str, float] | None = None,
+        embedding_dim: int = 16,
+        hidden: Sequence[int] = (256, 128, 64),
+        head_hidden: Sequence[int] = (32,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        sparse_embeddings: bool = True,
+        embedding_l2: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.heads = [str(h) for h in heads]
+        if not self.heads or len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"model.heads must name distinct behaviours, got {self.heads}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation {activation!r} is not one of {list(ACTIVATIONS)}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        self.fusion = check_fusion(fusion, self.heads)
+        # Not persistent: the fusion is a choice at scoring time, not a learned weight, so a
+        # checkpoint can be scored or warm-started under another fusion.
+        alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
+        self.register_buffer("alpha", alpha, persistent=False)
+        self.embedding_l2 = embedding_l2
+        self.penalty = torch.zeros(())
+        self.embeddings = HashedEmbeddings(cardinalities, embedding_dim, sparse_embeddings)
+
+        def mlp(width: int, sizes: Sequence[int]) -> tuple[list[nn.Module], int]:
+            layers: list[nn.Module] = []
+            for size in sizes:
+                layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+                width = size
+            return layers, width
+
+        layers, width = mlp(len(cardinalities) * embedding_dim + num_dense, hidden)
+        self.trunk = nn.Sequential(*layers)
+        towers = []
+        for _ in self.heads:
+            layers, out = mlp(width, head_hidden)
+            towers.append(nn.Sequential(*layers, nn.Linear(out, 1)))
+        self.towers = nn.ModuleList(towers)
+
+    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         vectors = self.embeddings(categorical)
         if self.training and self.embedding_l2 > 0:
-            # L2 on the rows a batch looks up (not the whole table): frequent ids are shrunk
-            # as often as they are seen, rare ids - the ones that overfit - are pulled to 0.
             self.penalty = self.embedding_l2 * vectors.pow(2).sum(-1).mean()
-        x = torch.cat([vectors.flatten(1), dense], dim=1)
-        return self.mlp(x).squeeze(1)
+        x = self.trunk(torch.cat([vectors.flatten(1), dense], dim=1))
+        return torch.cat([tower(x) for tower in self.towers], dim=1)
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Π_b p_b^α_b from logits [rows, heads]: the fused ranking score (log-sigmoid keeps
+        it finite where a probability would round to 0)."""
+        return torch.exp((F.logsigmoid(logits.float()) * self.alpha).sum(1))
+
+
+def check_fusion(fusion: Mapping[str, float] | None, heads: Sequence[str]) -> dict[str, float]:
+    """`model.fusion` -> {head: α} with every α finite and one non-zero (None: first head)."""
+    if fusion is None:
+        return {heads[0]: 1.0}
+    out: dict[str, float] = {}
+    for head, alpha in dict(fusion).items():
+        if head not in heads:
+            raise ValueError(f"model.fusion names {head!r}, which is not a head {list(heads)}")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not math.isfinite(alpha)
+        ):
+            raise ValueError(f"model.fusion.{head} must be a finite number, got {alpha!r}")
+        out[str(head)] = float(alpha)
+    if not any(out.values()):
+        raise ValueError(f"model.fusion {out} weighs every head 0: give one head a weight")
+    return out

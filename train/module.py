@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train import fusion
 from train.data.batch import Batch
 from train.metrics import BehaviourMetrics
 from train.weights import WeightScheme
@@ -49,6 +50,8 @@ class RankingModule(L.LightningModule):
         xauc_pairs: int = 1_000_000,
         seed: int = 0,
         artifact: Mapping[str, Any] | None = None,
+        positive_mean: Mapping[str, float] | None = None,
+        predictions: str | None = None,
     ) -> None:
         super().__init__()
         if dense_fill not in ("mean", "zero"):
@@ -73,6 +76,34 @@ class RankingModule(L.LightningModule):
         self.val_metrics = metrics()
         self.test_metrics = metrics()
         self.test_results: dict[str, float] = {}
+        # A multi-head model (`model.heads`): every head on its own loss, the fused score for the
+        # metrics; `predictions` (a URL) receives every head's test probabilities.
+        self.heads: list[str] = list(getattr(model, "heads", None) or [])
+        self.predictions = predictions
+        if self.heads:
+            unknown = [h for h in self.heads if h not in self.behaviours]
+            if unknown or scheme.label not in self.heads:
+                raise ValueError(
+                    f"model.heads {self.heads}: every head must be a behaviour of the data "
+                    f"{self.behaviours} and the label {scheme.label!r} must have one"
+                )
+            if scheme.terms or scheme.negative_weight != 1:
+                warnings.warn(
+                    f"model=multihead trains every head unweighted; weights={scheme.name} only "
+                    f"picks the label ({scheme.label}), its weights are not used",
+                    stacklevel=2,
+                )
+            self.head_columns = [self.behaviours.index(h) for h in self.heads]
+            scales = fusion.head_scales(self.heads, continuous, positive_mean or {})
+            self.register_buffer("head_scale", scales, persistent=False)
+
+            def outputs() -> fusion.HeadOutputs:
+                return fusion.HeadOutputs(
+                    self.heads, self.behaviours, continuous, scheme.label, oracle, xauc_pairs, seed
+                )
+
+            self.val_heads = outputs()
+            self.test_heads = outputs()
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Raw features in, logits out: the standardisation travels with the model."""
@@ -84,6 +115,8 @@ class RankingModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch.categorical, batch.dense)
+        if self.heads:
+            return self._heads_step(batch, logits)
         weight = self.scheme.weights(batch.behaviours, self.behaviours) * self.weight_scale
         label = (batch.behaviours[:, self.label_column] > 0).float()
         losses = F.binary_cross_entropy_with_logits(logits.float(), label, reduction="none")
@@ -94,9 +127,23 @@ class RankingModule(L.LightningModule):
         world = self.trainer.world_size
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = weighted_bce(logits, label, weight, total[1]) * world
-        if getattr(self.model, "embedding_l2", 0) > 0:
-            loss = loss + self.model.penalty
         self.log("train/loss", total[0] / total[1].clamp_min(1e-30), prog_bar=True)
+        return loss
+
+    def _heads_step(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        # Σ over heads of each head's own mean loss (global over ranks, as above); no sample
+        # weights, except the weighted logistic head of a continuous behaviour (train.fusion).
+        values = batch.behaviours[:, self.head_columns]
+        weight = fusion.head_weights(values, self.head_scale)
+        losses = F.binary_cross_entropy_with_logits(
+            logits.float(), (values > 0).float(), reduction="none"
+        )
+        n = len(self.heads)
+        local = torch.cat([(weight * losses).sum(0).detach(), weight.sum(0)])
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        denominator = total[n:].clamp_min(torch.finfo(torch.float32).tiny)
+        loss = ((weight * losses).sum(0) / denominator).sum() * self.trainer.world_size
+        self.log("train/loss", (total[:n] / denominator).sum(), prog_bar=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -107,17 +154,32 @@ class RankingModule(L.LightningModule):
 
     def _update(self, metrics: BehaviourMetrics, batch: Batch) -> None:
         probs = torch.sigmoid(self(batch.categorical, batch.dense).float())
+        if self.heads:
+            heads = self.val_heads if metrics is self.val_metrics else self.test_heads
+            heads.update(probs, batch.behaviours, batch.group, batch.oracle, batch.oracle_positive)
+            # The metrics rank by the fused score, computed as the report's α sweep does.
+            probs = fusion.fused_score(probs, self.model.alpha)
         metrics.update(probs, batch.behaviours, batch.group, batch.oracle, batch.oracle_positive)
 
     def on_validation_epoch_end(self) -> None:
         # compute() gathers every rank's predictions: all ranks must call it (a collective).
         results = self.val_metrics.compute()
         self.val_metrics.reset()
+        if self.heads:
+            results |= self.val_heads.metrics(self.val_heads.compute())
+            self.val_heads.reset()
         self.log_dict({f"val/{k}": v for k, v in results.items()})
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()
         self.test_metrics.reset()
+        if self.heads:
+            gathered = self.test_heads.compute()
+            self.test_heads.reset()
+            results |= self.test_heads.metrics(gathered)
+            if self.predictions and self.trainer.is_global_zero:
+                table = self.test_heads.table(gathered, self.model.fusion)
+                fusion.write_table(self.predictions, table)
         self.test_results = {f"test/{k}": v for k, v in results.items()}
         self.log_dict(self.test_results)
 

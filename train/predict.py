@@ -14,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, TypeVar
 
 import hydra
 import numpy as np
@@ -32,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.checkpoint import CheckpointError, load
 from train.data.features import ID_TYPES, DataError, FeatureSpec, hash_ids, is_numeric
-from train.data.io import TableFormat, expand, filesystem, inspect, read_chunks
+from train.data.io import TableFormat, expand, filesystem, inspect, read_chunks, safe_url
 
 
 class PredictError(ValueError):
@@ -122,7 +124,8 @@ def predict(
         groups = [g for g in _split(pieces, procs) if g]
         if single and len(groups) > 1:
             raise PredictError(
-                f"out={out} names one file; with procs={procs} give a folder (one part per process)"
+                f"out={safe_url(out)} names one file; with procs={procs} give a folder "
+                "(one part per process)"
             )
         base = out.rstrip("/")
         targets = [out] if single else [f"{base}/part-{i:05d}.parquet" for i in range(len(groups))]
@@ -150,7 +153,8 @@ def predict(
             with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
                 rows = list(pool.map(score_job, jobs))
         if sum(rows) == 0:
-            raise DataError(f"data={data}: no rows to score in {len(files)} file(s)")
+            shown = [safe_url(u) for u in ([data] if isinstance(data, str) else data)]
+            raise DataError(f"data.test={shown}: no rows to score in {len(files)} file(s)")
     except BrokenProcessPool as err:
         _discard(out, [j.out for j in jobs], created, storage_options)
         raise PredictError(
@@ -177,23 +181,80 @@ def score_job(
     scorer = scorer.to(job.device).eval()
     outputs: list[str] = list(scorer.outputs)
     columns = list(dict.fromkeys([*spec.categorical, *spec.dense, *job.keep]))
+    inputs = (
+        (piece.url, table, *featurize_inputs(table, spec, piece.url))
+        for piece in job.pieces
+        for table in read_batches(
+            piece, columns, job.table_format, job.data_storage_options, job.batch_size
+        )
+    )
     writer = _PartWriter(job.out, job.storage_options)
-    try:
-        for piece in job.pieces:
-            for table in read_batches(
-                piece, columns, job.table_format, job.data_storage_options, job.batch_size
-            ):
-                categorical, dense = featurize_inputs(table, spec, piece.url)
+    # Reading + hashing (one thread ahead) and writing (one thread behind) overlap the forward.
+    with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as background:
+        written: Future | None = None
+        try:
+            for source, table, categorical, dense in ahead(inputs):
                 with torch.inference_mode():
                     probs = scorer(categorical.to(job.device), dense.to(job.device))
                 probs = probs.float().cpu().numpy()
                 result = {k: table.column(k) for k in job.keep}
                 result |= {name: pa.array(probs[:, j]) for j, name in enumerate(outputs)}
-                writer.write(pa.table(result), piece.url)
-    except BaseException:
-        writer.abort()
-        raise
+                if written is not None:
+                    written.result()
+                written = background.submit(writer.write, pa.table(result), source)
+            if written is not None:
+                written.result()
+        except BaseException:
+            if written is not None:
+                written.cancel()
+                wait([written])
+            writer.abort()
+            raise
     return writer.close()
+
+
+T = TypeVar("T")
+
+
+def ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items`, produced by a background thread up to `depth` ahead: reading and hashing the
+    next batch overlaps the forward pass of this one (Arrow, numpy and torch release the GIL).
+    An error in the thread is raised here; leaving the loop early stops the thread."""
+    buffer: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:
+            put((end, err))
+
+    thread = threading.Thread(target=work, name="predict-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = buffer.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def featurize_inputs(
@@ -331,18 +392,20 @@ def _prepare_output(
     try:
         if single:
             if fs.exists(path) and not overwrite:
-                raise PredictError(f"out={out} exists; pass overwrite=true to replace it")
+                raise PredictError(f"out={safe_url(out)} exists; pass overwrite=true to replace it")
             parent = path.rstrip("/").rsplit("/", 1)[0]
             if parent:
                 fs.makedirs(parent, exist_ok=True)
             return False
         else:
             if fs.isfile(path):
-                raise PredictError(f"out={out} is a file; give a folder or a .parquet file name")
+                raise PredictError(
+                    f"out={safe_url(out)} is a file; give a folder or a .parquet file name"
+                )
             if fs.isdir(path) and fs.ls(path) and not overwrite:
                 raise PredictError(
-                    f"out={out} is a folder that is not empty; pass overwrite=true to replace "
-                    "its part-*.parquet files, or give a new folder"
+                    f"out={safe_url(out)} is a folder that is not empty; pass overwrite=true to "
+                    "replace its part-*.parquet files, or give a new folder"
                 )
             created = not fs.isdir(path)
             fs.makedirs(path, exist_ok=True)
@@ -350,7 +413,9 @@ def _prepare_output(
     except PredictError:
         raise
     except OSError as err:
-        raise PredictError(f"out={out}: cannot write there ({type(err).__name__}: {err})") from err
+        raise PredictError(
+            f"out={safe_url(out)}: cannot write there ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _publish(
@@ -427,7 +492,7 @@ def main(cfg: DictConfig) -> None:
         )
     except (CheckpointError, DataError, PredictError) as err:
         sys.exit(f"error: {err}")
-    print(f"{summary} -> {cfg.out}")
+    print(f"{summary} -> {safe_url(cfg.out)}")
 
 
 if __name__ == "__main__":

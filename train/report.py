@@ -41,6 +41,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ import fsspec
 import yaml
 from fsspec.core import url_to_fs
 
-from train import outputs
+from train import fusion, outputs
 from train.pareto import Direction, default_direction, front_path, pareto_mask
 
 METRICS_FILE = "metrics.json"
@@ -325,8 +326,9 @@ def _sort_key(run: Run, label: str) -> tuple:
 
 
 def is_scheme_run(run: Run) -> bool:
-    """Whether `scheme_rows` reports this run (every run with a weights config, for now)."""
-    return bool(run.weights)
+    """Whether `scheme_rows` reports this run: one with a weights config, except multi-head runs
+    (trained unweighted), which `fusion.fusion_rows` reports."""
+    return bool(run.weights) and not fusion.is_multihead(run.config)
 
 
 def _split_values(metrics: Mapping[str, float], split: str, oracle: bool) -> dict[str, float]:
@@ -352,7 +354,8 @@ def scheme_rows(runs: Sequence[Run], split: str) -> list[Row]:
     ]
 
 
-ROW_SOURCES: tuple[RowSource, ...] = (scheme_rows,)
+# fusion_rows: the α sweep over the saved test predictions of `model=multihead` runs.
+ROW_SOURCES: tuple[RowSource, ...] = (scheme_rows, fusion.fusion_rows)
 
 
 def oracle_row(runs: Sequence[Run], split: str) -> tuple[Row | None, list[str]]:
@@ -706,7 +709,11 @@ def plot_pareto(report: Report) -> bytes:
             ax.plot([xs[p] for p in path], [ys[p] for p in path], "-", color=colours[kind], lw=1.2)
             filled = [colours[kind] if report.pareto[i] else "none" for i in idx]
             ax.scatter(xs, ys, s=36, facecolors=filled, edgecolors=colours[kind], zorder=3)
-            for i, x, y in zip(idx, xs, ys, strict=True):
+            # A grid of many points (the fusion sweep) labels only its front, to stay readable.
+            labelled = set(path) if len(idx) > 12 else set(range(len(idx)))
+            for n, (i, x, y) in enumerate(zip(idx, xs, ys, strict=True)):
+                if n not in labelled:
+                    continue
                 ax.annotate(
                     report.rows[i].label,
                     (x, y),
@@ -794,14 +801,22 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "--baseline", help=f"row label the changes are measured against (default: {BASELINE})"
     )
     parser.add_argument("--out", help="output folder (default: the first DIR_OR_URL)")
+    parser.add_argument(
+        "--fusion-grid",
+        default=",".join(f"{a:g}" for a in fusion.GRID),
+        help="α values of each non-label head swept over a multihead run's test predictions "
+        "(the label head keeps α=1; default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
+        grid = fusion.parse_grid(args.fusion_grid)
+        sources = (scheme_rows, partial(fusion.fusion_rows, grid=grid))
         runs, notes = find_runs(args.roots)
         report = build_report(
-            runs, args.metrics, args.split, args.baseline, args.roots, notes=notes
+            runs, args.metrics, args.split, args.baseline, args.roots, sources, notes
         )
         written = write_report(report, args.out or args.roots[0])
-    except (ReportError, FileNotFoundError) as err:
+    except (ReportError, FileNotFoundError, fusion.FusionError) as err:
         sys.exit(f"error: {err}")
     print(to_markdown(report, image=None))
     print("wrote " + ", ".join(written))

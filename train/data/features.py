@@ -194,7 +194,7 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str,
     for column, role in spec.numeric_columns.items():
         kind = schema.field(column).type
         if not is_numeric(kind):
-            raise DataError(f"{source}: {role} column {column!r} has type {kind}; expected numbers")
+            raise DataError(f"{source}: {_where(role, column)} has type {kind}; expected numbers")
     return kinds
 
 
@@ -353,10 +353,14 @@ def _float_column(table: pa.Table, column: str, source: str, role: str) -> np.nd
         or pa.types.is_boolean(data.type)
         or pa.types.is_null(data.type)
     ):
-        raise DataError(
-            f"{source}: {role} column {column!r} has type {data.type}; expected numbers"
-        )
+        raise DataError(f"{source}: {_where(role, column)} has type {data.type}; expected numbers")
     return data.cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+def _where(role: str, column: str) -> str:
+    if role.startswith("behaviour"):
+        return f"{role} (column {column!r})"
+    return f"{role} column {column!r}"
 
 
 def _behaviour_column(
@@ -370,7 +374,7 @@ def _behaviour_column(
         first = int(np.flatnonzero(bad)[0])
         raise DataError(
             f"{source}: behaviour {name!r} (column {column!r}) has {int(bad.sum())} value(s) that "
-            f"are null, NaN, infinite or negative (first at row {first}: {values[first]!r}); "
+            f"are null, NaN, infinite or negative (first at row {first}: {float(values[first])}); "
             "behaviours must be finite and >= 0"
         )
     return values

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.data.batch import Batch
 from train.data.features import DataError, FeatureSpec, featurize
-from train.data.io import TableFormat, read_chunks, safe_url
+from train.data.io import TableFormat, protocol, read_chunks, safe_url
 
 
 @dataclass(frozen=True)
@@ -337,11 +337,13 @@ def _init_worker(worker_id: int) -> None:
     pa.set_cpu_count(1)
 
 
-def loader_context(worker_start: str) -> multiprocessing.context.BaseContext:
+def loader_context(
+    worker_start: str, protocols: Iterable[str] = ()
+) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for DataLoader workers. forkserver (the default) and spawn
     start workers from a clean process, never from a parent holding open s3fs/gcsfs clients;
-    forkserver imports this module once, so a worker starts in milliseconds instead of
-    re-importing torch each epoch."""
+    forkserver imports this module (and the filesystems of `protocols`, e.g. s3fs) once, so a
+    worker starts in milliseconds instead of re-importing torch and botocore each epoch."""
     if worker_start not in multiprocessing.get_all_start_methods():
         raise DataError(
             f"data.worker_start={worker_start!r} is not available here; choose one of "
@@ -349,8 +351,19 @@ def loader_context(worker_start: str) -> multiprocessing.context.BaseContext:
         )
     context = multiprocessing.get_context(worker_start)
     if worker_start == "forkserver":
-        context.set_forkserver_preload(["train.data.stream"])
+        context.set_forkserver_preload(["train.data.stream", *_filesystem_modules(protocols)])
     return context
+
+
+def _filesystem_modules(protocols: Iterable[str]) -> list[str]:
+    from fsspec.registry import known_implementations
+
+    modules = []
+    for name in sorted(set(protocols)):
+        target = known_implementations.get(name or "file", {}).get("class", "")
+        if target:
+            modules.append(target.rsplit(".", 1)[0])
+    return list(dict.fromkeys(modules))
 
 
 @contextmanager
@@ -386,7 +399,8 @@ class StreamBatches:
             raise ValueError("stream.workers must be max(1, num_workers)")
         self.stream = dataset
         self.num_workers = num_workers
-        self.context = loader_context(worker_start) if num_workers > 0 else None
+        protocols = {protocol(unit.url) for unit in dataset.units}
+        self.context = loader_context(worker_start, protocols) if num_workers > 0 else None
         self.prefetch_factor = prefetch_factor
 
     def __len__(self) -> int:

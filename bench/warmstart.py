@@ -1,0 +1,127 @@
+"""Warm-started re-weighting vs a from-scratch run of the same scheme, on simulated data.
+
+    python bench/warmstart.py [--rows 200000] [--out DIR] [--fraction 0.3333] [--tolerance 0.005]
+
+Three real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
+
+1. `weights=click_only` from scratch, to convergence (early stopping on val click AUC);
+2. `weights=seed` from scratch, to convergence: the reference, and its step count S;
+3. `weights=seed init_from=<1's best.ckpt>` for at most `fraction` x S steps (max_steps),
+   validated four times within that budget, the best validation kept as for any run.
+
+"Steps" are optimizer steps (global_step in the run's checkpoints). S counts every step the
+from-scratch run trained, patience epochs included (what it cost); the steps to its best
+checkpoint are printed too. Passes when run 3's test AUC of every behaviour (click, finish,
+watch_time (> 0), like) is at least run 2's minus `tolerance`. Prints per-behaviour AUCs, the
+steps, a pass/fail line and, last, `ratio <warm steps / from-scratch steps>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from train.checkpoint import read
+
+ROOT = Path(__file__).resolve().parents[1]
+BEHAVIOURS = ("click", "finish", "watch_time", "like")
+
+
+def train(out: Path, overrides: list[str]) -> tuple[dict[str, float], int, int, float]:
+    """One run: (metrics.json, steps trained, step of the best checkpoint, seconds)."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "train", *overrides, f"paths.output_dir={out}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"run {out.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = read(str(out / "checkpoints" / "last.ckpt"))["global_step"]
+    best = read(str(out / "checkpoints" / "best.ckpt"))["global_step"]
+    return metrics, int(last), int(best), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="training impressions")
+    parser.add_argument("--out", help="folder for the three runs (default: a temporary one)")
+    parser.add_argument("--fraction", type=float, default=1 / 3, help="warm budget / S")
+    parser.add_argument("--tolerance", type=float, default=0.005, help="AUC the warm run may lose")
+    parser.add_argument("--max-epochs", type=int, default=30, help="cap for the scratch runs")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-warmstart-"))
+    rows = args.rows
+    common = [
+        "hardware=cpu",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"data.simulator.n_train={rows}",
+        f"data.simulator.n_val={rows // 4}",
+        f"data.simulator.n_test={rows // 4}",
+        f"data.simulator.n_users={max(100, rows // 100)}",
+        f"data.simulator.n_videos={max(200, rows // 40)}",
+        f"data.simulator.n_authors={max(20, rows // 400)}",
+    ]
+    scratch = [*common, f"trainer.max_epochs={args.max_epochs}"]
+    print(f"simulated feed: {rows} training rows, {rows // 4} val, {rows // 4} test; runs in {out}")
+
+    _, click_steps, click_best, t_click = train(
+        out / "click_only", [*scratch, "weights=click_only"]
+    )
+    print(
+        f"1. click_only from scratch: {click_steps} steps (best at {click_best}), {t_click:.0f} s"
+    )
+    ref, seed_steps, seed_best, t_seed = train(out / "seed_scratch", [*scratch, "weights=seed"])
+    print(f"2. seed from scratch:       {seed_steps} steps (best at {seed_best}), {t_seed:.0f} s")
+
+    budget = max(1, int(seed_steps * args.fraction))
+    warm_overrides = [
+        *common,
+        "weights=seed",
+        f"init_from={out / 'click_only' / 'checkpoints' / 'best.ckpt'}",
+        f"trainer.max_steps={budget}",
+        "trainer.max_epochs=-1",
+        f"trainer.val_check_interval={max(1, budget // 4)}",
+    ]
+    warm, warm_steps, warm_best, t_warm = train(out / "seed_warm", warm_overrides)
+    print(
+        f"3. seed warm-started from 1: {warm_steps} steps of a {budget}-step budget "
+        f"(best at {warm_best}), {t_warm:.0f} s"
+    )
+
+    print(f"\n{'test metric':<22} {'scratch':>8} {'warm':>8} {'warm-scratch':>13}")
+    ok = True
+    for b in BEHAVIOURS:
+        key = f"test/{b}/auc"
+        delta = warm[key] - ref[key]
+        ok &= delta >= -args.tolerance
+        print(f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {delta:>+13.4f}")
+    key = "test/watch_time/xauc"
+    print(f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {warm[key] - ref[key]:>+13.4f}  (info)")
+    print(
+        f"\nsteps: from scratch {seed_steps} (best checkpoint at {seed_best}), warm start "
+        f"{warm_steps} (+ {click_steps} of the click_only run it reuses)"
+    )
+    verdict = "PASS" if ok else "FAIL"
+    print(
+        f"{verdict}: warm-started seed within {args.tolerance} AUC of from-scratch seed on every "
+        f"behaviour in {warm_steps}/{seed_steps} = {warm_steps / seed_steps:.2f} of its steps "
+        f"({warm_steps / max(seed_best, 1):.2f} of the steps to its best checkpoint)"
+    )
+    print(f"ratio {warm_steps / seed_steps:.3f}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

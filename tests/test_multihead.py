@@ -1,0 +1,155 @@
+"""`model=multihead`: the network and its fused score, per-head loss weights, and one real run
+(e2e) whose saved predictions reproduce its own metrics through the report's α sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.helpers import SPEC, TINY_RUN, trained_run, write_checkpoint
+from train import fusion
+from train.checkpoint import load
+from train.model import MultiHead
+from train.report import build_report, find_runs, scheme_rows, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = ["click", "finish", "watch_time", "like"]
+
+
+def test_one_logit_per_head_and_the_fused_score():
+    torch.manual_seed(0)
+    net = MultiHead([50, 80], 3, HEADS, {"click": 1, "finish": 0.5}, 4, [16], [8])
+    assert net.heads == HEADS and net.fusion == {"click": 1.0, "finish": 0.5}
+    logits = net(torch.randint(0, 50, (7, 2)), torch.randn(7, 3))
+    assert logits.shape == (7, 4)
+    p = torch.sigmoid(logits)
+    torch.testing.assert_close(net.score(logits), p[:, 0] * p[:, 1] ** 0.5)
+    # the fusion is a scoring choice: it is not in the state dict
+    assert not any("alpha" in k for k in net.state_dict())
+    assert MultiHead([50], 0, HEADS, None, 4, [], []).fusion == {"click": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("heads", "fusion_config", "message"),
+    [
+        (["click", "click"], None, "distinct behaviours"),
+        ([], None, "distinct behaviours"),
+        (HEADS, {"share": 1}, "model.fusion names 'share', which is not a head"),
+        (HEADS, {"click": 0, "like": 0}, "weighs every head 0"),
+        (HEADS, {"click": float("nan")}, "model.fusion.click must be a finite number"),
+    ],
+)
+def test_bad_heads_or_fusion_are_named(heads, fusion_config, message):
+    with pytest.raises(ValueError, match=message):
+        MultiHead([50], 2, heads, fusion_config)
+
+
+def test_continuous_heads_weigh_positives_by_value_over_their_mean():
+    scales = fusion.head_scales(["click", "watch_time"], ["watch_time"], {"watch_time": 20.0})
+    values = torch.tensor([[1.0, 40.0], [0.0, 0.0], [1.0, 5.0]])
+    weights = fusion.head_weights(values, scales)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 2.0], [1.0, 1.0], [1.0, 0.25]]))
+    with pytest.raises(ValueError, match=r"'watch_time' is continuous but .* no positive"):
+        fusion.head_scales(["watch_time"], ["watch_time"], {})
+
+
+def test_scorer_of_a_multihead_checkpoint_gives_the_fused_score_and_every_head(tmp_path):
+    spec = {**SPEC, "behaviours": {"click": "click", "like": "like"}}
+    ckpt = write_checkpoint(
+        tmp_path / "mh.ckpt",
+        target="train.model.MultiHead",
+        spec=spec,
+        heads=["click", "like"],
+        fusion={"click": 1.0, "like": 2.0},
+        head_hidden=[4],
+    )
+    scorer = load(str(ckpt)).scorer
+    assert scorer.outputs == ["score", "p_click", "p_like"]
+    out = scorer(torch.randint(0, 10, (5, 3)), torch.randn(5, 2))
+    torch.testing.assert_close(out[:, 0], out[:, 1] * out[:, 2] ** 2)
+
+
+# --------------------------------------------------------------------------------------------
+# one real run (e2e)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("multihead")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "outputs")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *TINY_RUN,
+            "model=multihead",
+            "model.fusion={click: 1, finish: 0.5, watch_time: 0.25}",
+            "model.hidden=[64, 32]",
+            f"paths.output_dir={folder}/run",
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return folder / "run"
+
+
+@pytest.mark.e2e
+def test_run_saves_every_heads_test_predictions(run):
+    table = pq.read_table(run / fusion.PREDICTIONS_FILE)
+    assert table.num_rows == 5000  # the whole test split, once
+    assert {f"p_{h}" for h in HEADS} | {f"y_{h}" for h in HEADS} <= set(table.column_names)
+    assert {"group", "oracle_click", "oracle_positive_watch_time"} <= set(table.column_names)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert {f"{split}/{h}/head_auc" for h in HEADS} <= set(metrics)
+        assert f"{split}/watch_time/head_xauc" in metrics
+    # the label's logloss/calibration measure its head (the fused score is no probability)
+    assert metrics["test/click/logloss"] == metrics["test/click/head_logloss"]
+    assert load(str(run / "checkpoints" / "best.ckpt")).scorer.outputs == [
+        "score",
+        *(f"p_{h}" for h in HEADS),
+    ]
+
+
+@pytest.mark.e2e
+def test_sweep_reproduces_the_runs_own_metrics_exactly(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    pred = fusion.read_predictions(str(run / fusion.PREDICTIONS_FILE))
+    assert pred.fusion == {"click": 1.0, "finish": 0.5, "watch_time": 0.25}
+    configured = fusion.fusion_metrics(pred, pred.fusion)
+    assert configured == {k: metrics[f"test/{k}"] for k in configured}
+    for head in HEADS:
+        alone = fusion.fusion_metrics(pred, {head: 1.0})
+        assert alone[f"{head}/auc"] == metrics[f"test/{head}/head_auc"]
+    alone = fusion.fusion_metrics(pred, {"watch_time": 1.0})
+    assert alone["watch_time/xauc"] == metrics["test/watch_time/head_xauc"]
+
+
+@pytest.mark.e2e
+def test_report_draws_the_fusion_front_beside_a_scheme(run, tmp_path_factory):
+    scheme_run = trained_run(tmp_path_factory)
+    runs, _ = find_runs([str(run), str(scheme_run)])
+    report = build_report(runs, sources=(scheme_rows, _grid_01))
+    kinds = [r.kind for r in report.rows]
+    assert kinds.count("scheme") == 1 and kinds.count("fusion") == 8 + 3 + 1
+    out = tmp_path_factory.mktemp("report")
+    write_report(report, str(out))
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "*fusion click=1 finish=0.5 watch_time=0.25*" in (out / "report.md").read_text()
+
+
+def _grid_01(runs, split):
+    return fusion.fusion_rows(runs, split, grid=(0.0, 1.0))

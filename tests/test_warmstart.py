@@ -1,0 +1,183 @@
+"""Warm start (`init_from=CKPT_URL`): every difference between the checkpoint and this run is
+named before anything trains; a fitting checkpoint's weights are loaded (the first validation
+after loading equals the source model's, e2e)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import SPEC, TINY_RUN, trained_run, write_checkpoint
+from train.checkpoint import build_network, read
+from train.data.features import FeatureSpec
+from train.module import RankingModule
+from train.warmstart import WarmStartError, differences, init_from
+from train.weights import WeightScheme
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"_target_": "train.model.DNN", "_partial_": True, "hidden": [16, 8], "embedding_dim": 4}
+
+
+def module_for(spec: dict, model: dict | None = None, seed: int = 1) -> RankingModule:
+    """The module `python -m train` would build for this spec and model config (fresh weights)."""
+    torch.manual_seed(seed)
+    config = model or MODEL
+    network = build_network(config, list(spec["categorical"].values()), len(spec["dense"]), "t")
+    n = len(spec["dense"])
+    return RankingModule(
+        network,
+        WeightScheme(),
+        behaviours=["click"],
+        continuous=[],
+        dense_mean=[0.0] * n,
+        dense_std=[1.0] * n,
+        optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+    )
+
+
+def artifact(tmp_path: Path) -> dict:
+    return read(str(write_checkpoint(tmp_path / "src.ckpt")))["upweight"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"categorical": {"user_id": 100, "video_id": 80, "device": 10}},
+            "data.categorical.user_id: checkpoint has 50 buckets, this run 100",
+        ),
+        (
+            {"categorical": {"user_id": 50, "video_id": 80}},
+            "data.categorical.device: the checkpoint has it (10 buckets), this run does not",
+        ),
+        (
+            {"categorical": {"user_id": 50, "video_id": 80, "device": 10, "hour": 24}},
+            "data.categorical.hour: this run has it, the checkpoint does not",
+        ),
+        (
+            {"categorical": {"video_id": 80, "user_id": 50, "device": 10}},
+            "data.categorical: checkpoint has the features in the order "
+            "['user_id', 'video_id', 'device'], this run ['video_id', 'user_id', 'device'] "
+            "(embedding rows are laid out in that order)",
+        ),
+        (
+            {"dense": ["video_len_s"]},
+            "data.dense: checkpoint has ['video_len_s', 'user_activity'], this run ['video_len_s']",
+        ),
+    ],
+)
+def test_feature_differences_are_named(tmp_path, change, message):
+    spec = FeatureSpec(**{**SPEC, **change})
+    assert differences(artifact(tmp_path), spec, MODEL) == [message]
+
+
+def test_model_differences_are_named_and_free_settings_allowed(tmp_path):
+    saved, spec = artifact(tmp_path), FeatureSpec(**SPEC)
+    assert differences(saved, spec, MODEL) == []
+    free = {**MODEL, "dropout": 0.3, "sparse_embeddings": False, "embedding_l2": 1e-4}
+    assert differences(saved, spec, free) == []
+    assert differences(saved, spec, {**MODEL, "hidden": [32, 8], "activation": "gelu"}) == [
+        "model.activation: checkpoint has None, this run 'gelu'",
+        "model.hidden: checkpoint has [16, 8], this run [32, 8]",
+    ]
+    other = {**MODEL, "_target_": "train.model.MultiHead", "heads": ["click"]}
+    assert differences(saved, spec, other) == [
+        "model._target_: checkpoint is train.model.DNN, this run train.model.MultiHead"
+    ]
+
+
+def test_fitting_checkpoint_loads_weights_and_standardisation(tmp_path):
+    url = str(write_checkpoint(tmp_path / "src.ckpt", seed=3))
+    module = module_for(SPEC)
+    summary = init_from(module, url, FeatureSpec(**SPEC), MODEL)
+    assert (
+        summary.startswith(f"warm start from {url}") and "optimizer and schedule fresh" in summary
+    )
+    state = read(url)["state_dict"]
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, state[f"model.{key}"]), key
+    assert torch.equal(module.dense_mean, state["dense_mean"])
+    assert torch.equal(module.dense_std, state["dense_std"])
+
+
+def test_misfit_checkpoint_is_refused_before_any_weight_changes(tmp_path):
+    url = str(write_checkpoint(tmp_path / "src.ckpt"))
+    spec = {**SPEC, "categorical": {"user_id": 100, "video_id": 80, "device": 10}}
+    module = module_for(spec, {**MODEL, "hidden": [16]})
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(WarmStartError) as info:
+        init_from(module, url, FeatureSpec(**spec), {**MODEL, "hidden": [16]})
+    assert str(info.value) == (
+        f"init_from={url}: the checkpoint does not fit this run's model: "
+        "data.categorical.user_id: checkpoint has 50 buckets, this run 100; "
+        "model.hidden: checkpoint has [16, 8], this run [16]"
+    )
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_unusable_sources_are_named(tmp_path):
+    module, spec = module_for(SPEC), FeatureSpec(**SPEC)
+    url = str(write_checkpoint(tmp_path / "src.ckpt"))
+    with pytest.raises(WarmStartError, match=r"ckpt_path=last\.ckpt are both set"):
+        init_from(module, url, spec, MODEL, resume="last.ckpt")
+    with pytest.raises(WarmStartError, match=r"^init_from=.*nothing.ckpt: no such file"):
+        init_from(module, str(tmp_path / "nothing.ckpt"), spec, MODEL)
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(WarmStartError, match="not a checkpoint written by `python -m train`"):
+        init_from(module, str(tmp_path / "plain.ckpt"), spec, MODEL)
+
+
+# --------------------------------------------------------------------------------------------
+# through `python -m train` (e2e)
+# --------------------------------------------------------------------------------------------
+
+
+def run_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "outputs")}
+    return subprocess.run(
+        [sys.executable, "-m", "train", *TINY_RUN, *overrides],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.e2e
+def test_first_validation_after_loading_equals_the_source_models(tmp_path_factory, tmp_path):
+    source = trained_run(tmp_path_factory)
+    done = run_train(
+        tmp_path,
+        "weights=seed",  # another scheme: the weights change training, not evaluation
+        f"init_from={source}/checkpoints/best.ckpt",
+        "trainer.max_epochs=0",  # nothing trained: validate the loaded weights
+        f"paths.output_dir={tmp_path}/warm",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert f"warm start from {source}/checkpoints/best.ckpt" in done.stdout
+    theirs = json.loads((source / "metrics.json").read_text())
+    ours = json.loads((tmp_path / "warm" / "metrics.json").read_text())
+    val = sorted(k for k in theirs if k.startswith("val/"))
+    assert len(val) >= 16 and val == sorted(k for k in ours if k.startswith("val/"))
+    assert {k: ours[k] for k in val} == {k: theirs[k] for k in val}
+
+
+@pytest.mark.e2e
+def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path):
+    source = trained_run(tmp_path_factory)
+    done = run_train(
+        tmp_path,
+        f"init_from={source}/checkpoints/best.ckpt",
+        "data.categorical.user_id=1000",
+        f"paths.output_dir={tmp_path}/warm",
+    )
+    assert done.returncode != 0
+    assert "data.categorical.user_id: checkpoint has 50000 buckets, this run 1000" in done.stderr
+    assert not (tmp_path / "warm").exists()

@@ -1,0 +1,166 @@
+"""Warm start: `init_from=CKPT_URL` starts a new run from an earlier model's weights.
+
+Re-weighting is the loop users run most (try another scheme, compare), and from scratch every
+scheme pays for a full training to convergence. A model trained under one scheme has already
+learned the ids and the trunk that every scheme needs; starting the next scheme from it and
+training for a shorter budget reaches the same metrics in a fraction of the steps
+(`bench/warmstart.py` measures it).
+
+Only the model is taken over: the network's weights and the dense standardisation it was
+trained with (part of the function the weights compute). The optimizer, the LR schedule, the
+loop counters and the callbacks start fresh; that is what separates `init_from` (a new run)
+from `ckpt_path` (resuming the same run).
+
+The checkpoint must describe the same network as this run: the same categorical features in
+the same order with the same bucket counts, the same dense features, the same model class and
+the same model settings except those in `FREE_KEYS`, which change training or scoring but not
+what the weights mean. Every difference is named, e.g.
+`data.categorical.user_id: checkpoint has 50000 buckets, this run 100000`, and the run stops
+before it trains or writes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.checkpoint import FORMAT, CheckpointError, read
+from train.data.features import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "embedding_l2", "fusion"})
+"""Model settings a warm start may change: regularisation, the gradient layout and the fusion
+of a multi-head model's scores."""
+
+
+class WarmStartError(ValueError):
+    """A checkpoint this run cannot start from; the message names every difference."""
+
+
+def differences(
+    artifact: Mapping[str, Any], spec: FeatureSpec, model_config: Mapping[str, Any]
+) -> list[str]:
+    """What the checkpoint's description (`checkpoint["upweight"]`) and this run disagree on,
+    one readable line per difference; empty when the weights fit."""
+    found: list[str] = []
+    saved_spec = artifact.get("spec") or {}
+    theirs = {str(k): v for k, v in (saved_spec.get("categorical") or {}).items()}
+    ours = dict(spec.categorical)
+    for name in ours.keys() | theirs.keys():
+        if name not in theirs:
+            found.append(f"data.categorical.{name}: this run has it, the checkpoint does not")
+        elif name not in ours:
+            found.append(
+                f"data.categorical.{name}: the checkpoint has it ({theirs[name]} buckets), "
+                "this run does not"
+            )
+        elif theirs[name] != ours[name]:
+            found.append(
+                f"data.categorical.{name}: checkpoint has {theirs[name]} buckets, "
+                f"this run {ours[name]}"
+            )
+    found.sort()
+    if not found and list(theirs) != list(ours):
+        found.append(
+            f"data.categorical: checkpoint has the features in the order {list(theirs)}, this "
+            f"run {list(ours)} (embedding rows are laid out in that order)"
+        )
+    their_dense, our_dense = list(saved_spec.get("dense") or []), list(spec.dense)
+    if their_dense != our_dense:
+        found.append(f"data.dense: checkpoint has {their_dense}, this run {our_dense}")
+
+    saved_model = artifact.get("model") or {}
+    their_target, our_target = saved_model.get("_target_"), model_config.get("_target_")
+    if their_target != our_target:
+        found.append(f"model._target_: checkpoint is {their_target}, this run {our_target}")
+        return found  # the settings of another class say nothing more
+    for key in sorted((saved_model.keys() | model_config.keys()) - FREE_KEYS):
+        a, b = _plain(saved_model.get(key)), _plain(model_config.get(key))
+        if a != b:
+            found.append(f"model.{key}: checkpoint has {a!r}, this run {b!r}")
+    return found
+
+
+def shape_differences(network: nn.Module, weights: Mapping[str, Any]) -> list[str]:
+    """Parameters missing, unexpected or of another shape (a backstop for models whose settings
+    do not show every shape, e.g. a custom class)."""
+    expected = network.state_dict()
+    found = [f"model.{k}: missing from the checkpoint" for k in expected if k not in weights]
+    found += [
+        f"model.{k}: in the checkpoint, not in this model" for k in weights if k not in expected
+    ]
+    for key, tensor in weights.items():
+        if key not in expected:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            found.append(f"model.{key}: checkpoint holds a {type(tensor).__name__}, not a tensor")
+        elif tensor.shape != expected[key].shape:
+            found.append(
+                f"model.{key}: checkpoint has shape {list(tensor.shape)}, "
+                f"this run {list(expected[key].shape)}"
+            )
+    return found
+
+
+def init_from(
+    module: nn.Module,
+    url: str,
+    spec: FeatureSpec,
+    model_config: Mapping[str, Any],
+    resume: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Load the checkpoint at `url` into `module.model` (and its `dense_mean`/`dense_std`
+    buffers) after checking it fits; returns a one-line summary. Raises WarmStartError."""
+    where = f"init_from={url}"
+    if resume:
+        raise WarmStartError(
+            f"{where} and ckpt_path={resume} are both set: ckpt_path resumes a run (weights, "
+            "optimizer, loop), init_from starts a new one from weights only; pick one"
+        )
+    try:
+        checkpoint = read(url, storage_options)
+    except CheckpointError as err:
+        raise WarmStartError(str(err).replace("ckpt=", "init_from=", 1)) from err
+    artifact = checkpoint.get("upweight")
+    state = checkpoint.get("state_dict")
+    if not isinstance(artifact, dict) or not isinstance(state, dict):
+        raise WarmStartError(
+            f"{where}: not a checkpoint written by `python -m train` (no 'upweight' or "
+            "'state_dict' entry)"
+        )
+    if artifact.get("format") != FORMAT:
+        raise WarmStartError(
+            f"{where}: upweight format {artifact.get('format')!r}; this version reads {FORMAT}"
+        )
+    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    found = differences(artifact, spec, model_config) or shape_differences(module.model, weights)
+    if found:
+        raise WarmStartError(
+            f"{where}: the checkpoint does not fit this run's model: " + "; ".join(found)
+        )
+    module.model.load_state_dict(weights)
+    # The weights were trained on inputs standardised with these statistics: keep them (they
+    # equal this run's on the same data, and stay right when the new data drifted).
+    for name in ("dense_mean", "dense_std"):
+        value = state.get(name)
+        if isinstance(value, torch.Tensor) and value.shape == getattr(module, name).shape:
+            getattr(module, name).copy_(value)
+    scheme = (artifact.get("scheme") or {}).get("describe", "?")
+    return (
+        f"warm start from {url} (step {checkpoint.get('global_step', '?')}, trained with "
+        f"{scheme}): model weights loaded, optimizer and schedule fresh"
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
