@@ -1,9 +1,10 @@
 """Streaming vs in-memory data on the training job's benchmark workload.
 
-1. Throughput: rows/s of the training step (the job's DNN, SparseDenseAdam, weighted BCE, dense
-   fill + standardisation as in RankingModule) fed from memory (`data.mode=memory`) and
-   streamed from local Parquet by DataLoader workers (`data.mode=stream`), on the 2,000,000-row
-   simulated workload (`python -m train.data.synthetic OUT --rows 2000000 --shards 8`).
+1. Throughput: rows/s of the job's training step (RankingModule: DNN, SparseDenseAdam,
+   weighted BCE with the `seed` scheme, under lightning.Trainer, as bench/throughput.py runs
+   it) fed from memory (`data.mode=memory`) and streamed from local Parquet by DataLoader
+   workers (`data.mode=stream`), on the 2,000,000-row simulated workload
+   (`python -m train.data.synthetic OUT --rows 2000000 --shards 8`), same number of steps.
 2. Memory: peak resident memory of the whole process tree (trainer process, forkserver,
    workers; RSS summed, and PSS, which counts shared pages once) while streaming every row of
    a 20,000,000-row training split, against the same at 2,000,000 rows (flat = bounded).
@@ -17,6 +18,7 @@ The two figures are printed last.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -47,9 +49,9 @@ SYNTHETIC = {
 def workload(folder: Path, rows: int, shards: int) -> Path:
     """The benchmark workload, written once by the job's own generator."""
     if not (folder / "train").is_dir():
+        command = ["-m", "train.data.synthetic", str(folder), "--rows", str(rows)]
         subprocess.run(
-            [sys.executable, "-m", "train.data.synthetic", str(folder), "--rows", str(rows)]
-            + ["--shards", str(shards)],
+            [sys.executable, *command, "--shards", str(shards)],
             check=True,
             cwd=ROOT,
         )
@@ -70,7 +72,7 @@ def big_train_split(folder: Path, rows: int, shard_rows: int) -> Path:
             continue
         n = min(shard_rows, rows - i * shard_rows)
         table = FeedSimulator(n_train=n, n_val=1, n_test=1, seed=i).table("train")
-        pq.write_table(table, f"{path}.tmp", row_group_size=128 * 1024)
+        pq.write_table(table, f"{path}.tmp")  # default row groups, as the job's generator
         os.replace(f"{path}.tmp", path)
         print(f"  wrote {path.name} ({n} rows)", flush=True)
     return folder
@@ -89,15 +91,44 @@ def data_module(folder: Path, mode: str, workers: int, train: Path | None = None
     )
 
 
+class _StepClock:
+    """Times training steps `warmup` .. end of epoch (skips start-up: worker starts, first
+    allocations), counting the rows they trained on."""
+
+    def __init__(self, warmup: int) -> None:
+        import lightning as L
+
+        clock = self
+
+        class Callback(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, index) -> None:
+                if index == warmup:
+                    clock.begin, clock.rows = time.perf_counter(), 0
+                clock.rows += len(batch)
+
+            def on_train_epoch_end(self, trainer, module) -> None:
+                clock.end = time.perf_counter()
+
+        self.callback = Callback()
+        self.begin = self.end = 0.0
+        self.rows = 0
+
+    @property
+    def rate(self) -> float:
+        return self.rows / (self.end - self.begin)
+
+
 def throughput(folder: Path, workers: int, steps: int, warmup: int) -> dict[str, float]:
+    """Rows/s of the job's own training step (RankingModule under lightning.Trainer, as
+    bench/throughput.py runs it) fed by each mode, over the same number of steps."""
+    import lightning as L
     import torch
 
     from train.model import DNN
-    from train.module import RankingModule, weighted_bce
+    from train.module import RankingModule
     from train.optim import SparseDenseAdam
-    from train.weights import build_scheme
 
-    scheme = build_scheme(label="click")
+    scheme = seed_scheme()
     rates = {}
     for mode in ("memory", "stream"):
         data = data_module(folder, mode, workers if mode == "stream" else 0)
@@ -105,41 +136,52 @@ def throughput(folder: Path, workers: int, steps: int, warmup: int) -> dict[str,
         stats = data.prepare(scheme)
         prepared = time.perf_counter() - started
         torch.manual_seed(0)
-        network = DNN(data.spec.cardinalities, len(data.spec.dense))
         module = RankingModule(
-            network,
+            DNN(data.spec.cardinalities, len(data.spec.dense)),
             scheme,
             behaviours=data.spec.behaviour_names,
             continuous=stats.continuous,
             dense_mean=stats.dense_mean,
             dense_std=stats.dense_std,
             optimizer=SparseDenseAdam,
+            dense_fill=data.dense_fill,
         )
-        optimizer = SparseDenseAdam(network)
-        names = data.spec.behaviour_names
-        label = names.index(scheme.label)
-        batches = iter(data.train_dataloader())
-        rows = 0
-        for step in range(warmup + steps):
-            if step == warmup:
-                rows, begin = 0, time.perf_counter()
-            batch = next(batches)
-            logits = module(batch.categorical, batch.dense)
-            weight = scheme.weights(batch.behaviours, names)
-            target = (batch.behaviours[:, label] > 0).float()
-            loss = weighted_bce(logits, target, weight, weight.sum())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            rows += len(batch)
-        rates[mode] = rows / (time.perf_counter() - begin)
-        batches.close()
+        clock = _StepClock(warmup)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=warmup + steps,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[clock.callback],
+        )
+        trainer.fit(module, datamodule=data)
+        rates[mode] = clock.rate
         print(
-            f"{mode:>6}: {rates[mode]:>9,.0f} rows/s over {steps} steps of {data.batch_size} "
-            f"(prepare {prepared:.1f} s)",
+            f"{mode:>6}: {rates[mode]:>9,.0f} rows/s over {steps} steps of {data.batch_size} rows "
+            f"(after {warmup} warm-up steps; prepare {prepared:.1f} s)",
             flush=True,
         )
     return rates
+
+
+def seed_scheme():
+    """`weights=seed` (click 1, finish 3, long watch 5), as bench/throughput.py trains."""
+    from train.weights import build_scheme
+
+    return build_scheme(
+        label="click",
+        terms=[
+            {"behaviour": "click", "coef": 1},
+            {"behaviour": "finish", "coef": 3},
+            {"behaviour": "watch_time", "coef": 5, "transform": "threshold", "threshold": 30},
+        ],
+        name="seed",
+    )
 
 
 def _tree(root: int) -> list[int]:
@@ -181,13 +223,15 @@ class PeakMemory:
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.rss = self.pss = 0
+        self.processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             totals = [_memory(p) for p in _tree(os.getpid())]
-            self.rss = max(self.rss, sum(r for r, _ in totals))
+            if sum(r for r, _ in totals) > self.rss:
+                self.rss, self.processes = sum(r for r, _ in totals), len(totals)
             self.pss = max(self.pss, sum(p for _, p in totals))
             self._stop.wait(self.interval)
 
@@ -200,8 +244,9 @@ class PeakMemory:
         self._thread.join()
 
 
-def stream_all(folder: Path, train: Path, workers: int) -> tuple[int, float, PeakMemory]:
-    """Prepare (the streamed statistics pass) and stream one epoch of every training row."""
+def stream_all(folder: Path, train: Path, workers: int) -> dict[str, float]:
+    """Prepare (the streamed statistics pass) and stream one epoch of every training row, in
+    this (fresh) process, measuring its process tree."""
     from train.weights import build_scheme
 
     with PeakMemory() as peak:
@@ -210,7 +255,26 @@ def stream_all(folder: Path, train: Path, workers: int) -> tuple[int, float, Pea
         data.prepare(build_scheme(label="click"))
         rows = sum(len(b) for b in data.train_dataloader())
         seconds = time.perf_counter() - started
-    return rows, seconds, peak
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rss": peak.rss,
+        "pss": peak.pss,
+        "processes": peak.processes,
+    }
+
+
+def measure_in_subprocess(folder: Path, train: Path, workers: int) -> dict[str, float]:
+    """`stream_all` in a fresh interpreter, so nothing of the throughput runs is counted."""
+    options = ["--measure", str(train), "--feed", str(folder), "--workers", str(workers)]
+    done = subprocess.run(
+        [sys.executable, __file__, *options],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -219,9 +283,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--big-rows", type=int, default=20_000_000)
     parser.add_argument("--workers", type=int, default=2, help="stream DataLoader workers")
-    parser.add_argument("--steps", type=int, default=200, help="timed training steps per mode")
+    parser.add_argument("--steps", type=int, default=300, help="timed training steps per mode")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one memory run
+    parser.add_argument("--feed", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(stream_all(Path(args.feed), Path(args.measure), args.workers)))
+        return
     work = Path(args.workdir)
     import torch
 
@@ -238,25 +307,26 @@ def main() -> None:
     for shard in sorted(big.glob("part-*.parquet"))[: max(1, args.rows // 1_000_000)]:
         if not (small / shard.name).exists():
             os.symlink(shard, small / shard.name)
-    memory = {}
+    runs = {}
     for label, train in (("small", small), ("big", big)):
-        rows, seconds, peak = stream_all(folder, train, args.workers)
-        memory[label] = (rows, peak)
+        run = runs[label] = measure_in_subprocess(folder, train, args.workers)
         print(
-            f"streamed {rows:>11,} rows in {seconds:6.1f} s ({rows / seconds:,.0f} rows/s data "
-            f"path only): peak RSS {peak.rss / GIB:.2f} GiB, PSS {peak.pss / GIB:.2f} GiB",
+            f"streamed {run['rows']:>11,} rows in {run['seconds']:6.1f} s "
+            f"({run['rows'] / run['seconds']:,.0f} rows/s, data path only): peak RSS "
+            f"{run['rss'] / GIB:.2f} GiB summed over {run['processes']} processes, PSS "
+            f"{run['pss'] / GIB:.2f} GiB",
             flush=True,
         )
-    (small_rows, small_peak), (big_rows, big_peak) = memory["small"], memory["big"]
+    small_run, big_run = runs["small"], runs["big"]
     print()
     print(
         f"stream/memory training rows/s: {ratio:.2f}x "
         f"({rates['stream']:,.0f} vs {rates['memory']:,.0f} rows/s; target >= 0.9x)"
     )
     print(
-        f"peak RSS streaming {big_rows:,} rows: {big_peak.rss / GIB:.2f} GiB "
-        f"(PSS {big_peak.pss / GIB:.2f} GiB; {small_rows:,} rows: {small_peak.rss / GIB:.2f} GiB; "
-        "target < 2 GiB, flat)"
+        f"peak RSS streaming {big_run['rows']:,} rows: {big_run['rss'] / GIB:.2f} GiB "
+        f"(PSS {big_run['pss'] / GIB:.2f} GiB; {small_run['rows']:,} rows: "
+        f"{small_run['rss'] / GIB:.2f} GiB; target < 2 GiB, flat)"
     )
 
 

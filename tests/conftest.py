@@ -22,6 +22,11 @@ from typing import Any
 
 import pytest
 
+# gcsfs reads this once, when imported, and DataLoader workers inherit the environment of the
+# forkserver started by the first streaming test: set it before any of them (fake-gcs-server
+# does not serve gcsfs's experimental API, and every bucket call would wait 60 s for it).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 """`../shared` beside the repository: public data samples (tests skip without it)."""
@@ -186,8 +191,6 @@ def _fake_gcs_binary() -> Path | None:
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[GCSServer]:
     """A real GCS API server (fake-gcs-server) on loopback for the whole session."""
-    # gcsfs reads this when first imported; the emulator does not serve its experimental API.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     pytest.importorskip("gcsfs", reason="needs gcsfs (pip install -e '.[test]')")
     binary = _fake_gcs_binary()
     if binary is None:

@@ -5,6 +5,7 @@ after loading equals the source model's, e2e)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tests.helpers import SPEC, TINY_RUN, trained_run, write_checkpoint
 from train.checkpoint import build_network, read
 from train.data.features import FeatureSpec
 from train.module import RankingModule
-from train.warmstart import WarmStartError, differences, init_from
+from train.warmstart import WarmStartError, differences, init_from, logit_shift
 from train.weights import WeightScheme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_feature_differences_are_named(tmp_path, change, message):
 def test_model_differences_are_named_and_free_settings_allowed(tmp_path):
     saved, spec = artifact(tmp_path), FeatureSpec(**SPEC)
     assert differences(saved, spec, MODEL) == []
-    free = {**MODEL, "dropout": 0.3, "sparse_embeddings": False, "embedding_l2": 1e-4}
+    free = {**MODEL, "dropout": 0.3, "sparse_embeddings": False}
     assert differences(saved, spec, free) == []
     assert differences(saved, spec, {**MODEL, "hidden": [32, 8], "activation": "gelu"}) == [
         "model.activation: checkpoint has None, this run 'gelu'",
@@ -104,6 +105,32 @@ def test_fitting_checkpoint_loads_weights_and_standardisation(tmp_path):
         assert torch.equal(value, state[f"model.{key}"]), key
     assert torch.equal(module.dense_mean, state["dense_mean"])
     assert torch.equal(module.dense_std, state["dense_std"])
+
+
+def test_reweighting_shifts_the_output_bias_by_the_log_odds_ratio(tmp_path):
+    url = write_checkpoint(tmp_path / "src.ckpt")
+    checkpoint = torch.load(url, weights_only=True)
+    # click_only: positives and negatives weigh 1 (10% positives)
+    checkpoint["upweight"]["stats"] |= {"weight_mean": 1.0, "positive_rate": {"click": 0.1}}
+    torch.save(checkpoint, url)
+    module = module_for(SPEC)
+    # the new scheme: positives weigh 4 on average, negatives 1 -> mean 0.1 * 4 + 0.9 * 1
+    module.artifact = {
+        "model": MODEL,
+        "scheme": {"label": "click", "negative_weight": 1.0},
+        "stats": {"weight_mean": 1.3, "positive_rate": {"click": 0.1}},
+    }
+    summary = init_from(module, str(url), FeatureSpec(**SPEC), MODEL)
+    assert "output bias +1.386 for the new scheme's weighted odds" in summary
+    state = checkpoint["state_dict"]
+    for key, value in module.model.state_dict().items():
+        expected = state[f"model.{key}"] + (math.log(4.0) if key == "mlp.6.bias" else 0.0)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    # another label, or a multi-head model: no shift
+    other = {**module.artifact, "scheme": {"label": "finish", "negative_weight": 1.0}}
+    assert logit_shift(checkpoint["upweight"], other) == 0.0
+    heads = {**module.artifact, "model": {"heads": ["click"]}}
+    assert logit_shift(checkpoint["upweight"], heads) == 0.0
 
 
 def test_misfit_checkpoint_is_refused_before_any_weight_changes(tmp_path):
@@ -155,7 +182,6 @@ def test_first_validation_after_loading_equals_the_source_models(tmp_path_factor
     source = trained_run(tmp_path_factory)
     done = run_train(
         tmp_path,
-        "weights=seed",  # another scheme: the weights change training, not evaluation
         f"init_from={source}/checkpoints/best.ckpt",
         "trainer.max_epochs=0",  # nothing trained: validate the loaded weights
         f"paths.output_dir={tmp_path}/warm",

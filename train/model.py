@@ -97,7 +97,6 @@ class MultiHead(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         sparse_embeddings: bool = True,
-        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.heads = [str(h) for h in heads]
@@ -112,8 +111,6 @@ class MultiHead(nn.Module):
         # checkpoint can be scored or warm-started under another fusion.
         alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
         self.register_buffer("alpha", alpha, persistent=False)
-        self.embedding_l2 = embedding_l2
-        self.penalty = torch.zeros(())
         self.embeddings = HashedEmbeddings(cardinalities, embedding_dim, sparse_embeddings)
 
         def mlp(width: int, sizes: Sequence[int]) -> tuple[list[nn.Module], int]:
@@ -132,10 +129,7 @@ class MultiHead(nn.Module):
         self.towers = nn.ModuleList(towers)
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        vectors = self.embeddings(categorical)
-        if self.training and self.embedding_l2 > 0:
-            self.penalty = self.embedding_l2 * vectors.pow(2).sum(-1).mean()
-        x = self.trunk(torch.cat([vectors.flatten(1), dense], dim=1))
+        x = self.trunk(torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1))
         return torch.cat([tower(x) for tower in self.towers], dim=1)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,11 @@ def find_checkpoints(folders: Sequence[str]) -> list[Candidate]:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry.get("type") != "file" or not name.endswith(".ckpt") or name.startswith("."):
                 continue
-            url = entry["name"] if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(entry["name"])
+            url = (
+                entry["name"]
+                if isinstance(fs, LocalFileSystem)
+                else fs.unstrip_protocol(entry["name"])
+            )
             found[url] = Candidate(url, _modified(entry), _priority(name))
     return sorted(found.values(), key=lambda c: (c.modified, c.priority), reverse=True)
 
@@ -339,9 +343,7 @@ class SlurmRequeue(L.Callback):
             requeued, message = requeue()
         requeued = trainer.strategy.broadcast(requeued)
         if trainer.is_global_zero:
-            print(
-                f"preempted at step {trainer.global_step}: saved {path}; {message}", flush=True
-            )
+            print(f"preempted at step {trainer.global_step}: saved {path}; {message}", flush=True)
         raise Requeued(0 if requeued else 3)
 
     def _next_path(self) -> str:
@@ -408,9 +410,7 @@ class RandomState(L.Callback):
             states["cuda"] = torch.cuda.get_rng_state(trainer.strategy.root_device)
         if trainer.world_size > 1:
             device = trainer.strategy.root_device
-            states = {
-                k: trainer.strategy.all_gather(v.to(device)).cpu() for k, v in states.items()
-            }
+            states = {k: trainer.strategy.all_gather(v.to(device)).cpu() for k, v in states.items()}
         else:
             states = {k: v.unsqueeze(0) for k, v in states.items()}
         checkpoint["rng_states"] = states

@@ -11,6 +11,20 @@ trained with (part of the function the weights compute). The optimizer, the LR s
 loop counters and the callbacks start fresh; that is what separates `init_from` (a new run)
 from `ckpt_path` (resuming the same run).
 
+One adjustment is made: sample weights scale the odds a model learns (the optimum of a
+weighted BCE has odds × mean positive weight / negative weight, the YouTube relation), so a
+new scheme's optimum sits, on average, log(m_new / m_old) higher in logit space. A
+single-logit network (one ending in a Linear with one output) gets that shift added to its
+output bias, with m = mean positive weight / negative weight of each scheme on its training
+data (from the statistics both runs keep). Ranking is unchanged by it; without it the first
+steps of a short budget go into moving that one bias while the rest of the network chases the
+miscalibration. Schemes with the same label only; none for multi-head models (unweighted).
+
+Re-weighting changes what the monitored metric rewards (a scheme that trades clicks for
+finishes lowers val/click/auc from the first step), so early stopping on it would stop a warm
+start at once: train a fixed budget and keep the final weights
+(`callbacks.early_stopping=null callbacks.checkpoint.monitor=null`), as bench/warmstart.py does.
+
 The checkpoint must describe the same network as this run: the same categorical features in
 the same order with the same bucket counts, the same dense features, the same model class and
 the same model settings except those in `FREE_KEYS`, which change training or scoring but not
@@ -21,7 +35,7 @@ before it trains or writes anything.
 
 from __future__ import annotations
 
-import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,11 +45,9 @@ from torch import nn
 from train.checkpoint import FORMAT, CheckpointError, read
 from train.data.features import FeatureSpec
 
-log = logging.getLogger(__name__)
-
-FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "embedding_l2", "fusion"})
-"""Model settings a warm start may change: regularisation, the gradient layout and the fusion
-of a multi-head model's scores."""
+FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion"})
+"""Model settings a warm start may change: dropout, the gradient layout and the fusion of a
+multi-head model's scores."""
 
 
 class WarmStartError(ValueError):
@@ -145,6 +157,13 @@ def init_from(
             f"{where}: the checkpoint does not fit this run's model: " + "; ".join(found)
         )
     module.model.load_state_dict(weights)
+    shift = logit_shift(artifact, getattr(module, "artifact", {}) or {})
+    output = _output_layer(module.model)
+    shifted = ""
+    if shift and output is not None and output.bias is not None:
+        with torch.no_grad():
+            output.bias += shift
+        shifted = f"; output bias {shift:+.3f} for the new scheme's weighted odds"
     # The weights were trained on inputs standardised with these statistics: keep them (they
     # equal this run's on the same data, and stay right when the new data drifted).
     for name in ("dense_mean", "dense_std"):
@@ -154,8 +173,40 @@ def init_from(
     scheme = (artifact.get("scheme") or {}).get("describe", "?")
     return (
         f"warm start from {url} (step {checkpoint.get('global_step', '?')}, trained with "
-        f"{scheme}): model weights loaded, optimizer and schedule fresh"
+        f"{scheme}): model weights loaded{shifted}; optimizer and schedule fresh"
     )
+
+
+def positive_weight_ratio(artifact: Mapping[str, Any]) -> float | None:
+    """Mean weight of a positive over the weight of a negative under the run's scheme on its
+    training data, from what a checkpoint keeps (scheme, stats); None when it is unknown."""
+    scheme, stats = artifact.get("scheme") or {}, artifact.get("stats") or {}
+    label, negative = scheme.get("label"), scheme.get("negative_weight", 1.0)
+    rate = (stats.get("positive_rate") or {}).get(label)
+    mean = stats.get("weight_mean")
+    if not (isinstance(rate, float | int) and isinstance(mean, float | int) and negative):
+        return None
+    if not 0 < rate < 1:
+        return None
+    positive = (mean - (1 - rate) * negative) / rate  # weight_mean = r·m_pos + (1 - r)·w_neg
+    return positive / negative if positive > 0 else None
+
+
+def logit_shift(old: Mapping[str, Any], new: Mapping[str, Any]) -> float:
+    """log(m_new / m_old) (see the module docstring); 0 when the labels differ, a ratio is
+    unknown, or the model is multi-head."""
+    if (old.get("model") or {}).get("heads") or (new.get("model") or {}).get("heads"):
+        return 0.0
+    if (old.get("scheme") or {}).get("label") != (new.get("scheme") or {}).get("label"):
+        return 0.0
+    a, b = positive_weight_ratio(old), positive_weight_ratio(new)
+    return math.log(b / a) if a and b else 0.0
+
+
+def _output_layer(network: nn.Module) -> nn.Linear | None:
+    """The last Linear with one output: the logit of a single-logit network."""
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears and linears[-1].out_features == 1 else None
 
 
 def _plain(value: Any) -> Any:

@@ -26,9 +26,11 @@ from train.data.features import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
-CSV_BLOCK_BYTES = 16 << 20
-"""CSV is parsed in blocks of this many bytes; chunk boundaries (and so the order in which the
-statistics are summed) depend on it, identically in memory and stream mode."""
+CSV_BLOCK_BYTES = 8 << 20
+PARQUET_BATCH_ROWS = 65_536
+"""Parquet row groups are decoded in batches of this many rows and CSV parsed in blocks of
+CSV_BLOCK_BYTES, so a reader holds a few MB whatever the row-group size. Chunk boundaries (and
+so the order in which statistics are summed) depend on them, identically in both modes."""
 READ_ONLY_PROTOCOLS = ("http", "https")
 SECRET_ENV = (
     "AWS_SECRET_ACCESS_KEY",
@@ -252,8 +254,9 @@ def read_chunks(
     row_groups: Sequence[int] | None = None,
     dictionary: Sequence[str] = (),
 ) -> Iterator[pa.Table]:
-    """`columns` of one file, one table per Parquet row group (all, or `row_groups`) or per CSV
-    block. `dictionary` names string columns to read dictionary-encoded (cheaper hashing)."""
+    """`columns` of one file as a sequence of tables: PARQUET_BATCH_ROWS-row batches of each
+    Parquet row group in turn (all, or `row_groups`), or CSV blocks. `dictionary` names string
+    columns to read dictionary-encoded (cheaper hashing)."""
     kind = table_format.kind(url)
     columns = list(columns)
     if kind == "parquet":
@@ -263,7 +266,10 @@ def read_chunks(
             _require(url, columns, parquet.schema_arrow.names)
             indices = range(parquet.num_row_groups) if row_groups is None else row_groups
             for i in indices:
-                yield parquet.read_row_group(i, columns=columns, use_threads=False)
+                for batch in parquet.iter_batches(
+                    PARQUET_BATCH_ROWS, row_groups=[i], columns=columns, use_threads=False
+                ):
+                    yield pa.Table.from_batches([batch])
         return
     with _guard(url, kind, storage_options):
         _require(url, columns, _csv_header(url, table_format, storage_options))

@@ -167,7 +167,7 @@ class ImpressionDataModule(L.LightningDataModule):
                 self.tables[split] = featurize(table, self.spec, self.describe(split))
             if "train" in splits:
                 stats = self._measure_memory(
-                    [self._chunk_stats(self.tables["train"], scheme, "train")]
+                    [self._chunk_stats(self.tables["train"], scheme, self.describe("train"))]
                 )
             return self._keep(stats, scheme)
 
@@ -314,19 +314,19 @@ class ImpressionDataModule(L.LightningDataModule):
         checks and statistics need (dense, behaviours, float ids); measure the training split."""
         source = safe_url(info.url)
         columns = self._numeric_and_float_ids(info)
-        rows, parts = [], []
+        rows, parts = 0, []
         for table in self._chunks(info, columns):
             check_ids(table, self.spec, source)
             block = numeric_block(table, self.spec, source)
-            rows.append(table.num_rows)
+            rows += table.num_rows
             if measure:
                 parts.append(self._chunk_stats(block, scheme, source))
-        if sum(rows) == 0:
+        if rows == 0:
             raise DataError(f"{source}: the file has no rows")
         if info.row_groups is None:
-            return [Unit(info.url, sum(rows))], parts
-        if tuple(rows) != info.row_groups:
-            raise DataError(f"{source}: row groups changed while reading (was the file rewritten?)")
+            return [Unit(info.url, rows)], parts
+        if rows != sum(info.row_groups):
+            raise DataError(f"{source}: row count changed while reading (was the file rewritten?)")
         units = [Unit(info.url, n, i) for i, n in enumerate(info.row_groups) if n > 0]
         return units, parts
 

@@ -21,7 +21,8 @@ How an epoch is laid out (all of it computed from row counts, identically on eve
 5. Shuffling (training): a slot's rows, in order, are cut into windows of `shuffle_buffer`
    rows; each window is permuted with a generator seeded by (seed, epoch, rank, slot, window)
    and batches are consecutive slices of the permuted windows. Memory per worker is bounded by
-   one window plus one row group, whatever the data size.
+   one window plus one decoded batch (65,536 rows of a row group, or one CSV block), whatever
+   the data size.
 
 Resuming at batch b of an epoch skips, in each slot, the windows before b's rows without
 reading them; the result is the exact batch sequence of an uninterrupted epoch (given the same
