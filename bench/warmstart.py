@@ -1,7 +1,7 @@
 """Warm-started re-weighting vs a from-scratch run of the same scheme, on simulated data.
 
     python bench/warmstart.py [--rows 200000] [--out DIR] [--fraction 0.3333] [--tolerance 0.005]
-                              [--warm-lr 0.01]
+                              [--warm-lr 0.01] [--seed 0]
 
 Three real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
 
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.005, help="AUC the warm run may lose")
     parser.add_argument("--max-epochs", type=int, default=30, help="cap for the scratch runs")
     parser.add_argument("--warm-lr", type=float, default=0.01, help="peak LR of the warm run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the feed and the models")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-warmstart-"))
     rows = args.rows
@@ -72,6 +73,7 @@ def main() -> None:
         "hardware=cpu",
         "logger=csv",
         "trainer.enable_progress_bar=false",
+        f"seed={args.seed}",
         f"data.simulator.n_train={rows}",
         f"data.simulator.n_val={rows // 4}",
         f"data.simulator.n_test={rows // 4}",

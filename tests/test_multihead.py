@@ -153,3 +153,35 @@ def test_report_draws_the_fusion_front_beside_a_scheme(run, tmp_path_factory):
 
 def _grid_01(runs, split):
     return fusion.fusion_rows(runs, split, grid=(0.0, 1.0))
+
+
+@pytest.mark.ddp
+def test_two_processes_save_every_test_row_once_in_metric_order(tmp_path):
+    """Under DDP the predictions are gathered like the metrics: every row once, in the order
+    the metrics saw them, so the sweep still reproduces the run's own numbers exactly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(tmp_path / "outputs")}
+    overrides = [o for o in TINY_RUN if not o.startswith("data.simulator.n_test")]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *overrides,
+            "data.simulator.n_test=5001",  # odd: the ranks hold different row counts
+            "hardware.devices=2",
+            "model=multihead",
+            "model.hidden=[32]",
+            f"paths.output_dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    pred = fusion.read_predictions(str(tmp_path / "run" / fusion.PREDICTIONS_FILE))
+    assert pred.probs.shape == (5001, 4)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    swept = fusion.fusion_metrics(pred, pred.fusion)
+    assert swept == {k: metrics[f"test/{k}"] for k in swept}

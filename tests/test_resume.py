@@ -33,8 +33,8 @@ TINY = [
     "logger=csv",
     "trainer.enable_progress_bar=false",
     "data.simulator.n_train=20000",
-    "data.simulator.n_val=5000",
-    "data.simulator.n_test=5000",
+    "data.simulator.n_val=2000",
+    "data.simulator.n_test=2000",
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
@@ -42,7 +42,12 @@ TINY = [
     "data.categorical.video_id=2000",
     "data.categorical.author_id=200",
     "data.batch_size=1024",
+    "model.hidden=[32,16]",
+    "xauc_pairs=1000",
 ]
+# One thread per process: tests run several at once on 2 cores, where OpenMP's spinning
+# threads make each step several times slower.
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def training_checkpoint(step: int = 0, **extra: Any) -> dict[str, Any]:
@@ -168,12 +173,7 @@ def train_process(
     return subprocess.Popen(
         [sys.executable, "-m", "train", *overrides],
         cwd=cwd,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "UPWEIGHT_RUNS": str(cwd / "outputs"),
-            **(env or {}),
-        },
+        env={**os.environ, **ENV, "UPWEIGHT_RUNS": str(cwd / "outputs"), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

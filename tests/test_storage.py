@@ -78,7 +78,7 @@ def run_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> str:
 
 
 def data(urls: dict[str, str], **kwargs) -> ImpressionDataModule:
-    return ImpressionDataModule(**urls, **ROLES, num_workers=0, **kwargs)
+    return ImpressionDataModule(**urls, **ROLES, **({"num_workers": 0} | kwargs))
 
 
 def splits(root: str) -> dict[str, str]:
@@ -189,9 +189,11 @@ def test_https_urls_are_read_only_sources(tmp_path, s3_server: S3Server):
 def test_memory_urls(tmp_path):
     fs = fsspec.filesystem("memory")
     upload_feed(fs, "/upweight-test", shards=2)
-    for mode in ("memory", "stream"):  # stream in-process: memory:// lives in this process only
-        module = data(splits("memory://upweight-test"), mode=mode)
+    for mode in ("memory", "stream"):
+        # memory:// lives in this process only, so it streams without worker processes
+        module = data(splits("memory://upweight-test"), mode=mode, **{"num_workers": 2})
         assert module.prepare().rows == 2400
+        assert sum(len(b) for b in module.train_dataloader()) == 2400
 
 
 @pytest.mark.s3

@@ -47,6 +47,7 @@ def main(cfg: DictConfig) -> float:
         artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme),
         positive_mean=fusion.positive_means(stats),  # scales the weighted head of model=multihead
         predictions=f"{run_dir}/{fusion.PREDICTIONS_FILE}",  # every head's test probabilities
+        nonfinite=cfg.nonfinite,  # stop | skip
     )
     if cfg.init_from:  # weights only, checked against this run's model before anything is written
         try:

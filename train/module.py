@@ -22,6 +22,13 @@ warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(SystemExit):
+    """A non-finite loss or gradient with `nonfinite=stop`: every rank decides alike (the flag
+    rides the loss all-reduce; gradients are already all-reduced), so all of them exit, like
+    `sys.exit` (message, exit code 1, no traceback); the checkpoints saved so far are kept."""
 
 
 def weighted_bce(
@@ -52,8 +59,13 @@ class RankingModule(L.LightningModule):
         artifact: Mapping[str, Any] | None = None,
         positive_mean: Mapping[str, float] | None = None,
         predictions: str | None = None,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_batches = 0
         if dense_fill not in ("mean", "zero"):
             raise ValueError(f"data.dense_fill must be 'mean' or 'zero', got {dense_fill!r}")
         self.model = model
@@ -113,24 +125,29 @@ class RankingModule(L.LightningModule):
             dense = torch.nan_to_num(dense, nan=0.0)
         return self.model(categorical, (dense - self.dense_mean) / self.dense_std)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         logits = self(batch.categorical, batch.dense)
         if self.heads:
             return self._heads_step(batch, logits)
         weight = self.scheme.weights(batch.behaviours, self.behaviours) * self.weight_scale
         label = (batch.behaviours[:, self.label_column] > 0).float()
         losses = F.binary_cross_entropy_with_logits(logits.float(), label, reduction="none")
-        local = torch.stack([(weight * losses).sum().detach(), weight.sum()])
+        summed = (weight * losses).sum().detach()
+        bad = (~torch.isfinite(summed) | ~torch.isfinite(weight.sum())).float()
+        local = torch.stack([summed, weight.sum(), bad])
         # Global Σw (and Σwℓ for the log) over all ranks: the mean of per-rank weighted means is
-        # not the weighted mean of the global batch.
+        # not the weighted mean of the global batch. The non-finite flag rides along, so every
+        # rank stops or skips the same batch.
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        if total[2] > 0:
+            return self._nonfinite("loss", batch, logits, weight, label)
         world = self.trainer.world_size
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = weighted_bce(logits, label, weight, total[1]) * world
         self.log("train/loss", total[0] / total[1].clamp_min(1e-30), prog_bar=True)
         return loss
 
-    def _heads_step(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    def _heads_step(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
         # Σ over heads of each head's own mean loss (global over ranks, as above); no sample
         # weights, except the weighted logistic head of a continuous behaviour (train.fusion).
         values = batch.behaviours[:, self.head_columns]
@@ -139,12 +156,72 @@ class RankingModule(L.LightningModule):
             logits.float(), (values > 0).float(), reduction="none"
         )
         n = len(self.heads)
-        local = torch.cat([(weight * losses).sum(0).detach(), weight.sum(0)])
+        summed = (weight * losses).sum(0).detach()
+        bad = (~torch.isfinite(summed).all() | ~torch.isfinite(weight.sum())).float()
+        local = torch.cat([summed, weight.sum(0), bad.unsqueeze(0)])
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
-        denominator = total[n:].clamp_min(torch.finfo(torch.float32).tiny)
+        if total[-1] > 0:
+            return self._nonfinite("loss", batch, logits, weight, (values > 0).float())
+        denominator = total[n : 2 * n].clamp_min(torch.finfo(torch.float32).tiny)
         loss = ((weight * losses).sum(0) / denominator).sum() * self.trainer.world_size
         self.log("train/loss", (total[:n] / denominator).sum(), prog_bar=True)
         return loss
+
+    def _nonfinite(
+        self,
+        what: str,
+        batch: Batch,
+        logits: torch.Tensor,
+        weight: torch.Tensor,
+        label: torch.Tensor,
+    ) -> None:
+        """Stop with the batch's statistics, or (`nonfinite=skip`) skip it: returning None from
+        training_step makes Lightning skip backward and the optimizer step, on every rank."""
+        if self.nonfinite == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None
+        dense = batch.dense
+        finite_w = weight[torch.isfinite(weight)]
+        rank = f" (rank {self.global_rank})" if self.trainer.world_size > 1 else ""
+        raise NonFiniteError(
+            f"error: non-finite training {what} at global step {self.global_step}{rank}; batch: "
+            f"{len(label)} rows, weight sum {weight.sum().item():.6g} "
+            f"min {finite_w.min().item() if len(finite_w) else float('nan'):.6g} "
+            f"max {finite_w.max().item() if len(finite_w) else float('nan'):.6g} "
+            f"({int((~torch.isfinite(weight)).sum())} non-finite), "
+            f"label rate {label.float().mean().item():.4g}, "
+            f"non-finite logits {int((~torch.isfinite(logits)).sum())}/{logits.numel()}, "
+            f"infinite dense {int(torch.isinf(dense).sum())}/{dense.numel()} "
+            f"(NaN = missing: {int(torch.isnan(dense).sum())}). Lower optimizer.lr, check the "
+            "data's dense and behaviour columns, or set nonfinite=skip to skip such batches"
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Gradients are all-reduced by now (identical on every rank): no extra collective.
+        names, counts = [], []
+        for name, param in self.named_parameters():
+            if param.grad is not None:
+                grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
+                names.append(name)
+                counts.append((~torch.isfinite(grad)).sum())
+        if not counts:
+            return
+        counts = torch.stack(counts).tolist()  # one device sync for all parameters
+        bad = [f"{n} ({c} non-finite)" for n, c in zip(names, counts, strict=True) if c]
+        if not bad:
+            return
+        if self.nonfinite == "skip":  # no gradient: the optimizers leave every parameter as is
+            for param in self.parameters():
+                param.grad = None
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return
+        raise NonFiniteError(
+            f"error: non-finite gradient at global step {self.global_step} in "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Lower optimizer.lr or set "
+            "trainer.gradient_clip_val, or set nonfinite=skip to skip such steps"
+        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update(self.val_metrics, batch)

@@ -25,7 +25,15 @@ from train.data.features import (
     numeric_block,
     parse_behaviours,
 )
-from train.data.io import FileInfo, TableFormat, expand, inspect, read_chunks, safe_url
+from train.data.io import (
+    FileInfo,
+    TableFormat,
+    expand,
+    inspect,
+    protocol,
+    read_chunks,
+    safe_url,
+)
 from train.data.loader import EvalBatches, TrainBatches
 from train.data.stats import StatsAccumulator, TrainStats
 from train.data.stream import StreamBatches, StreamDataset, StreamTrainBatches, Unit
@@ -336,6 +344,12 @@ class ImpressionDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _workers(self, split: str) -> int:
+        # memory:// lives in this process only: worker processes could not see it.
+        if any(protocol(u.url) == "memory" for u in self.units[split]):
+            return 0
+        return self.num_workers
+
     def _stream(self, split: str, train: bool) -> StreamDataset:
         rank, world = self._rank()
         return StreamDataset(
@@ -347,7 +361,7 @@ class ImpressionDataModule(L.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             rank=rank,
             world=world,
-            workers=max(1, self.num_workers),
+            workers=max(1, self._workers(split)),
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             dictionary=self.dictionary,
@@ -357,7 +371,8 @@ class ImpressionDataModule(L.LightningDataModule):
         if self.mode == "memory":
             rank, world = self._rank()
             return TrainBatches(self.tables["train"], self.batch_size, self.seed, rank, world)
-        return StreamTrainBatches(self._stream("train", True), self.num_workers, self.worker_start)
+        stream = self._stream("train", True)
+        return StreamTrainBatches(stream, self._workers("train"), self.worker_start)
 
     def val_dataloader(self) -> EvalBatches | StreamBatches:
         return self._eval("val")
@@ -368,7 +383,8 @@ class ImpressionDataModule(L.LightningDataModule):
     def _eval(self, split: str) -> EvalBatches | StreamBatches:
         if self.mode == "memory":
             return EvalBatches(self.tables[split], self.eval_batch_size, *self._rank())
-        return StreamBatches(self._stream(split, False), self.num_workers, self.worker_start)
+        stream = self._stream(split, False)
+        return StreamBatches(stream, self._workers(split), self.worker_start)
 
 
 def _base_type(kind: pa.DataType) -> pa.DataType:

@@ -1,0 +1,155 @@
+"""`slurm/train.sbatch` and `slurm/sweep.sbatch` on a real one-node Slurm cluster (munged,
+slurmctld, slurmd; started here, see tests/slurm_cluster.py).
+
+- 2 tasks: DDP over gloo to the end, metrics.json in the run folder named after the job id;
+- the same job sent SIGUSR1 mid-epoch: it saves hpc_ckpt_1.ckpt, requeues itself, restarts,
+  continues from there and ends with the steps, weights and metrics of the uninterrupted job;
+- a job array sweeps two weight schemes, one run folder each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+from tests.slurm_cluster import SlurmCluster, Unavailable
+from tests.test_resume import ENV, TINY, assert_same_run, loader_position
+
+pytestmark = pytest.mark.slurm
+ROOT = Path(__file__).resolve().parents[1]
+# hardware=slurm comes from the scripts: the counts from the job, not from the command line.
+SMALL = [a for a in TINY if not a.startswith("hardware=")]
+ARGS = [
+    *SMALL,
+    "data.batch_size=256",  # per task: global batches of 512, ~39 steps an epoch
+    "trainer.max_epochs=2",
+    "callbacks.last.every_n_train_steps=3",  # the first one shows that training is under way
+    "callbacks.requeue.check_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> SlurmCluster:
+    # Not under pytest's 0700 tmp folders: munged wants every folder above its socket open.
+    folder = Path(tempfile.mkdtemp(prefix="upweight-slurm-"))
+    folder.chmod(0o755)
+    try:
+        started = SlurmCluster(folder).start()
+    except Unavailable as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"no Slurm cluster: {err}")
+    yield started
+    started.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def submit(cluster: SlurmCluster, folder: Path, script: str, *args: str, **env: str) -> str:
+    return cluster.sbatch(
+        "--cpus-per-task=1",
+        f"--output={folder}/slurm-%j.out",
+        *args,
+        env={**ENV, "UPWEIGHT_RUNS": str(folder / "runs"), **env},
+        cwd=folder,
+    )
+
+
+def log(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("slurm-*.out")))
+
+
+def completed(cluster: SlurmCluster, job: str, folder: Path, timeout: float = 600) -> dict:
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log(folder)[-5000:]}"
+    return info
+
+
+def final(run: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint, json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    job = submit(
+        cluster,
+        folder,
+        "--ntasks-per-node=2",
+        str(ROOT / "slurm" / "train.sbatch"),
+        *ARGS,
+        MASTER_PORT=str(free_port()),
+    )
+    completed(cluster, job, folder)
+    return folder / "runs" / job
+
+
+def test_two_tasks_train_with_ddp_to_the_end(uninterrupted: Path):
+    text = log(uninterrupted.parent.parent)
+    assert "MEMBER: 1/2" in text and "MEMBER: 2/2" in text, text[-3000:]
+    checkpoint, metrics = final(uninterrupted)
+    assert 0.5 < metrics["test/click/auc"] <= 1.0
+    rows = json.loads((uninterrupted / "stats.json").read_text())["rows"]
+    assert checkpoint["global_step"] == 2 * -(-rows // 512)
+
+
+def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    job = submit(
+        cluster,
+        tmp_path,
+        "--ntasks-per-node=2",
+        str(ROOT / "slurm" / "train.sbatch"),
+        *ARGS,
+        MASTER_PORT=str(free_port()),
+    )
+    run = tmp_path / "runs" / job
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert time.monotonic() < deadline, log(tmp_path)[-3000:]
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), log(tmp_path)[-3000:]
+        time.sleep(0.2)
+    signalled = cluster.command("scancel", "-s", "USR1", job)
+    assert signalled.returncode == 0, signalled.stderr
+    # Requeued: pending again, held ~120 s by Slurm's BeginTime unless told to start now.
+    cluster.wait(job, {"PENDING"}, timeout=300)
+    assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    info = completed(cluster, job, tmp_path)
+    assert info["Restarts"] == "1"
+
+    text = log(tmp_path)
+    assert "preempted at step" in text and f"requeued job {job}" in text, text[-3000:]
+    assert f"resume=auto: continuing from {run}/checkpoints/hpc_ckpt_1.ckpt" in text
+    saved = torch.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", weights_only=True)
+    steps = -(-json.loads((run / "stats.json").read_text())["rows"] // 512)
+    epoch, done = loader_position(saved)
+    assert 0 < done < steps, "interrupted mid-epoch"
+    assert saved["global_step"] == epoch * steps + done
+    resumed, resumed_metrics = final(run)
+    expected, expected_metrics = final(uninterrupted)
+    assert_same_run(resumed, expected, resumed_metrics, expected_metrics)
+
+
+def test_job_array_sweeps_weight_schemes(cluster, tmp_path):
+    job = submit(
+        cluster,
+        tmp_path,
+        "--array=0-1",
+        str(ROOT / "slurm" / "sweep.sbatch"),
+        *SMALL,
+        "trainer.max_epochs=1",
+        SCHEMES="click_only seed",
+    )
+    for task in ("0", "1"):
+        completed(cluster, f"{job}_{task}", tmp_path)
+    sweep = tmp_path / "runs" / f"sweep_{job}"
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_click_only", "1_seed"]
+    for folder in sweep.iterdir():
+        assert (folder / "metrics.json").exists(), log(tmp_path)[-3000:]
+        assert f"name: {folder.name.split('_', 1)[1]}" in (folder / "config.yaml").read_text()
