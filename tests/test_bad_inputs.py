@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Case:
     entry: str  # train | predict | export
     args: Callable[[Path], list[str]]  # the data folder -> the arguments that make it bad
     expected: tuple[str, ...]  # fragments of stderr (case-insensitive)
+    known_gap: str = ""  # a known failure of the job (xfail, strict): what is missing where
 
 
 def files(split: str = "good.parquet", **more: str) -> Callable[[Path], list[str]]:
@@ -179,6 +181,8 @@ CASES = [
         "train",
         lambda d: [*files()(d), f"ckpt_path={d}/truncated.ckpt"],
         ("truncated.ckpt",),
+        known_gap="train/resume.py select_checkpoint passes ckpt_path on unchecked: Lightning's "
+        "load then fails with a traceback",
     ),
     Case(
         "warm start from another model shape",
@@ -209,6 +213,18 @@ CASES = [
         "predict",
         lambda d: [f"ckpt={d}/good.ckpt", f"data.test={d}/no_user.parquet"],
         ("user_id",),
+    ),
+    Case(
+        "predict: output exists",
+        "predict",
+        lambda d: [f"ckpt={d}/good.ckpt", f"data.test={d}/good.parquet", "overwrite=false"],
+        ("not empty", "overwrite=true"),
+    ),
+    Case(
+        "predict: bad device",
+        "predict",
+        lambda d: [f"ckpt={d}/good.ckpt", f"data.test={d}/good.parquet", "device=tpu"],
+        ("device", "cpu"),
     ),
     Case(
         "export: truncated checkpoint",
@@ -243,18 +259,18 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bad_inputs")
-    prepare_data(folder)
-    return folder
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    before: dict[str, bytes]
+    after: dict[str, bytes]
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_fails_clearly_and_keeps_earlier_outputs(case: Case, data_dir, tmp_path):
+def run_case(case: Case, data: Path, folder: Path) -> Outcome:
     # A run folder (or prediction / export output) from an earlier, successful job.
-    earlier = tmp_path / "earlier"
+    earlier = folder / "earlier"
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "config.yaml").write_text("seed: 0\n")
     (earlier / "metrics.json").write_text('{"test/click/auc": 0.7}\n')
@@ -262,25 +278,55 @@ def test_bad_input_fails_clearly_and_keeps_earlier_outputs(case: Case, data_dir,
     (earlier / "part-00000.parquet").write_bytes(os.urandom(256))
     before = snapshot(earlier)
 
-    args = case.args(data_dir)
+    args = case.args(data)
     if case.entry == "train":
         command = ["-m", "train", *TRAIN, f"paths.output_dir={earlier}", *args]
         if any(a.startswith("paths.output_dir=") for a in args):
             command.remove(f"paths.output_dir={earlier}")
     else:
-        command = ["-m", f"train.{case.entry}", f"out={earlier}", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(tmp_path / "runs")}
+        # overwrite=true: a failed job must not touch earlier outputs even when allowed to.
+        overwrite = [] if any(a.startswith("overwrite=") for a in args) else ["overwrite=true"]
+        command = ["-m", f"train.{case.entry}", f"out={earlier}", *overwrite, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "runs")}
     done = subprocess.run(
         [sys.executable, *command],
-        cwd=tmp_path,
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
+    return Outcome(done.returncode, done.stdout, done.stderr, before, snapshot(earlier))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    """Every case run once, a few at a time: each one is mostly the ~8 s CPU of importing
+    Lightning, so running them side by side is what keeps the corpus within CI's budget."""
+    data = tmp_path_factory.mktemp("bad_inputs")
+    prepare_data(data)
+    folders = {c.name: tmp_path_factory.mktemp("case") for c in CASES}
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        futures = {c.name: pool.submit(run_case, c, data, folders[c.name]) for c in CASES}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c.known_gap))
+        if c.known_gap
+        else c
+        for c in CASES
+    ],
+    ids=[c.name for c in CASES],
+)
+def test_bad_input_fails_clearly_and_keeps_earlier_outputs(case: Case, outcomes):
+    done = outcomes[case.name]
     err = done.stderr
     assert done.returncode != 0, f"{case.name}: exit 0\n{done.stdout[-2000:]}{err[-2000:]}"
     assert "Traceback" not in err, f"{case.name}: a traceback for a user error\n{err[-4000:]}"
     for fragment in case.expected:
         assert fragment.lower() in err.lower(), f"{case.name}: {fragment!r} not in\n{err[-3000:]}"
-    assert snapshot(earlier) == before, f"{case.name}: earlier outputs changed"
+    assert done.after == done.before, f"{case.name}: earlier outputs changed"

@@ -82,6 +82,22 @@ def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.ddp
+def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path):
+    # The flag rides the loss all-reduce: both ranks stop at the same step (no rank left
+    # waiting in a collective, which would hang until the timeout).
+    done = train(
+        tmp_path,
+        "optimizer.lr=1e30",
+        "hardware.devices=2",
+        "data.batch_size=2048",
+        f"paths.output_dir={tmp_path}/run",
+        timeout=400,
+    )
+    assert done.returncode != 0
+    assert "non-finite training loss at global step 1 (rank " in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.e2e
 def test_nonfinite_skip_counts_skipped_batches(tmp_path):
     run = tmp_path / "run"
@@ -184,6 +200,8 @@ class Relay:
     def stop(self) -> None:
         listener, self.listener = self.listener, None
         if listener:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
             listener.close()
         for s in self.sockets:
             with contextlib.suppress(OSError):

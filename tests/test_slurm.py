@@ -51,7 +51,7 @@ def cluster() -> SlurmCluster:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def submit(cluster: SlurmCluster, folder: Path, script: str, *args: str, **env: str) -> str:
+def submit(cluster: SlurmCluster, folder: Path, *args: str, **env: str) -> str:
     return cluster.sbatch(
         "--cpus-per-task=1",
         f"--output={folder}/slurm-%j.out",

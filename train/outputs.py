@@ -35,9 +35,24 @@ def redact(value: Any, storage_options: bool = False) -> Any:
     return value
 
 
+class OutputError(SystemExit):
+    """The output folder cannot be written (a file where a folder should be, no permission):
+    ends the job like `sys.exit` with the path and the reason, not a traceback."""
+
+
 def write_text(url: str, text: str) -> None:
     """Write to `url` (any fsspec URL) via a temporary name and a rename where the filesystem
     has one, so a reader never sees a half-written file."""
+    try:
+        _write_text(url, text)
+    except (NotADirectoryError, FileExistsError, PermissionError, IsADirectoryError) as err:
+        raise OutputError(
+            f"error: cannot write {url}: {err.strerror or err} ({type(err).__name__}); the output "
+            "folder (paths.output_dir, out) must be a writable folder or URL"
+        ) from err
+
+
+def _write_text(url: str, text: str) -> None:
     fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
