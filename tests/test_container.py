@@ -2,16 +2,15 @@
 base (no registry is reachable here) and a short CPU training run inside `podman run`, as an
 unprivileged user, writes its checkpoints and metrics to a bind mount.
 
-The base is Debian bookworm made with debootstrap, plus a wheelhouse downloaded on the host
-and an /etc/pip.conf that points pip at it (what an offline site's mirror looks like), passed
-with `--build-arg BASE_IMAGE=`. Images and wheels are cached in UPWEIGHT_CONTAINER_CACHE
-(default /var/tmp/upweight-test-containers), so a second run only rebuilds what changed.
+The base is Debian bookworm made with debootstrap (`--build-arg BASE_IMAGE=`); the build
+runs with --network=none, its pip pointed by a mounted /etc/pip.conf at a wheelhouse
+downloaded on the host (what an offline site's mirror looks like). The base image and the
+wheels are cached in UPWEIGHT_CONTAINER_CACHE (default /var/tmp/upweight-test-containers).
 Needs root; buildah, podman, runc and debootstrap are installed with apt-get when missing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -135,11 +134,10 @@ def requirements() -> list[str]:
     return [*pinned, *rest, "setuptools>=68", "wheel"]
 
 
-def wheel_base(env: dict[str, str]) -> str:
-    """The Debian base plus the wheels of every dependency and a pip.conf that installs from
-    them only: the build then runs with --network=none."""
-    context = CACHE / "base-context"
-    wheels = context / "wheels"
+def wheelhouse(env: dict[str, str]) -> tuple[Path, Path]:
+    """Every dependency's wheel, downloaded on the host, and a pip.conf that installs from
+    them only: mounted into the build, which then runs with --network=none."""
+    wheels = CACHE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     run(
         [
@@ -155,15 +153,9 @@ def wheel_base(env: dict[str, str]) -> str:
         ],
         env,
     )
-    (context / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
-    (context / "Containerfile").write_text(
-        f"FROM {DEBIAN}\nCOPY wheels/ /wheels/\nCOPY pip.conf /etc/pip.conf\n"
-    )
-    names = "\n".join(sorted(p.name for p in wheels.iterdir()))
-    tag = f"localhost/upweight-test-base:{hashlib.sha256(names.encode()).hexdigest()[:12]}"
-    if not image_exists(tag, env):
-        run(["buildah", "bud", "--pull=never", "--network=none", "-t", tag, str(context)], env)
-    return tag
+    pip_conf = CACHE / "pip.conf"
+    pip_conf.write_text("[global]\nno-index = true\nfind-links = /wheels\n")
+    return wheels, pip_conf
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +166,18 @@ def image() -> tuple[str, dict[str, str]]:
         pytest.skip("the wheels are downloaded for this Python; the Debian base has 3.11")
     install_tools()
     env = container_env()
-    debian_base(env)
-    base = wheel_base(env)
+    base = debian_base(env)
+    wheels, pip_conf = wheelhouse(env)
     run(
         [
             "buildah",
             "bud",
             "--pull=never",
             "--network=none",
-            "--layers",
-            "--build-arg",
-            f"BASE_IMAGE={base}",
-            "-t",
-            IMAGE,
+            f"--volume={wheels}:/wheels:ro",
+            f"--volume={pip_conf}:/etc/pip.conf:ro",
+            f"--build-arg=BASE_IMAGE={base}",
+            f"--tag={IMAGE}",
             str(ROOT),
         ],
         env,

@@ -93,7 +93,8 @@ def run(tmp_path_factory) -> Path:
             *TINY_RUN,
             "model=multihead",
             "model.fusion={click: 1, finish: 0.5, watch_time: 0.25}",
-            "model.hidden=[64, 32]",
+            "model.hidden=[64]",  # a shared trunk as well as the towers
+            "model.head_hidden=[16]",
             f"paths.output_dir={folder}/run",
         ],
         cwd=folder,

@@ -79,8 +79,9 @@ class DNN(nn.Module):
 class MultiHead(nn.Module):
     """Shared bottom + one small head per behaviour -> logits [rows, heads] (`model=multihead`).
 
-    The bottom is the DNN's (hashed embeddings + dense inputs -> MLP trunk); each head is a small
-    MLP on the trunk's output, trained on its own behaviour. The ranking score fuses the heads:
+    The shared bottom is the DNN's hashed embeddings + dense inputs, then an MLP trunk of sizes
+    `hidden` (may be empty); each head is an MLP tower (`head_hidden`) on the bottom's output,
+    trained on its own behaviour. The ranking score fuses the heads:
     Σ_b α_b·log p_b with α from `fusion` (heads left out weigh 0; None: the first head alone).
     `score` returns exp of that, Π_b p_b^α_b, for prediction and export.
     """

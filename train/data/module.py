@@ -205,16 +205,19 @@ class ImpressionDataModule(L.LightningDataModule):
         else:
             for split in splits:
                 measure = split == "train"
-                per_file = list(
-                    _ordered_map(
-                        lambda f, m=measure: self._scan_file(f, scheme if m else None, m),
-                        self.files[split],
-                        readers,
-                    )
+                total = StatsAccumulator(names, len(self.spec.dense))
+                self.units[split] = []
+                scans = _ordered_map(
+                    lambda f, m=measure: self._scan_file(f, scheme if m else None, m),
+                    self.files[split],
+                    readers,
                 )
-                self.units[split] = [u for units, _ in per_file for u in units]
+                for units, parts in scans:  # merged as they come: memory stays flat
+                    self.units[split] += units
+                    for part in parts:
+                        total.merge(part)
                 if measure:
-                    stats = self._measure_memory([p for _, parts in per_file for p in parts])
+                    stats = self._measure_memory([total])
         return self._keep(stats, scheme)
 
     def _keep(self, stats: TrainStats | None, scheme: WeightScheme | None) -> TrainStats:
