@@ -105,7 +105,7 @@ def debian_base(env: dict[str, str]) -> str:
         [
             "debootstrap",
             "--variant=minbase",
-            "--include=python3,python3-pip,python3-venv",
+            "--include=python3-venv",  # python3 and the wheels of pip for venvs
             "bookworm",
             str(rootfs),
             MIRROR,

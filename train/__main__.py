@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 import hydra
 import lightning as L
@@ -20,6 +21,15 @@ resolvers.register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except Exception:
+        # Hydra's own crash report echoes every command-line override, credentials included.
+        traceback.print_exc()
+        sys.exit(1)
+
+
+def train(cfg: DictConfig) -> float:
     run_dir = cfg.paths.output_dir
     L.seed_everything(cfg.seed, workers=True)
     try:

@@ -18,6 +18,10 @@ Pipeline (each step a function, so other row sources can join without touching t
     build_report(runs, ...) -> Report              chosen metrics, Pareto marks, best, baseline
     to_markdown / to_csv / plot_pareto -> text/bytes; write_report(report, out)
 
+ROW_SOURCES: `scheme_rows` (one row per sample-weighting run) and `train.fusion.fusion_rows`
+(for each `model=multihead` run, one row per α of a grid swept over its saved test predictions,
+kind `fusion`; `--fusion-grid 0,0.5,1` sets the α values of the non-label heads).
+
 Adding rows of another kind (e.g. the no-retrain fusion baseline of `model=multihead`): write a
 function `(runs, split) -> list[Row]` that picks the runs it understands (for fusion: those whose
 folder holds `predictions.parquet` with per-head probabilities and the behaviours; read it with
