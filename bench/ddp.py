@@ -5,8 +5,8 @@
 The workload of bench/throughput.py (simulated rows, 8 hashed categorical features, 4 dense,
 embedding 16, MLP 256-128-64, the `seed` scheme) through the job's own path
 (ImpressionDataModule + RankingModule + lightning.Trainer), one epoch at a global batch of
-4096: 1 process with `--cores` threads, then 2 DDP processes (gloo, launched by torchrun)
-with `--cores / 2` threads each, the same global batches. A DDP communication hook counts
+4096: 1 process with `--cores` threads (and with 1, a control), then 2 DDP processes (gloo,
+launched by torchrun) with `--cores / 2` threads each, the same global batches. A DDP communication hook counts
 the gradient bytes each rank hands to all-reduce per step, with sparse embedding gradients
 (the default: only the rows a batch touched) and with dense ones (the whole table).
 Throughput is timed after 5 warm-up steps. Prints rows/s, bytes per step and, last,
@@ -161,6 +161,9 @@ def main() -> None:
     print(f"{args.rows:,} rows, one epoch at a global batch of {BATCH}, {args.cores} cores")
     one = launch(1, args.rows, args.cores, sparse=True)
     print(f"1 process  x {args.cores} threads, sparse:  {one['rows_per_s']:>10,.0f} rows/s")
+    if args.cores > 1:  # OpenMP threads lose most on a busy machine: the 1-thread control
+        single = launch(1, args.rows, 1, sparse=True)
+        print(f"1 process  x 1 thread,  sparse:  {single['rows_per_s']:>10,.0f} rows/s")
     two = launch(2, args.rows, half, sparse=True)
     print(
         f"2 processes x {half} thread,  sparse:  {two['rows_per_s']:>10,.0f} rows/s"

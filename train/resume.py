@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
+# The periodic `last` ModelCheckpoint is a second one; `ckpt_path="best"` rightly takes the
+# first's (the `checkpoint` callback's) best, which Lightning warns about on every run.
+warnings.filterwarnings("ignore", message=r".*configured with multiple `ModelCheckpoint`")
 
 # Stores that publish an object only when its upload completes (single PUT or a completed
 # multipart upload): a writer that dies mid-upload leaves the previous object untouched.
