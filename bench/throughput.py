@@ -124,9 +124,12 @@ def raw_rows_per_s(data: ImpressionDataModule) -> float:
     for begin in range(0, len(table), BATCH):
         rows = order[begin : begin + BATCH]
         w = weight[rows]
-        loss = F.binary_cross_entropy_with_logits(
-            model(categorical[rows], dense[rows]), label[rows], weight=w, reduction="sum"
-        ) / w.sum()
+        loss = (
+            F.binary_cross_entropy_with_logits(
+                model(categorical[rows], dense[rows]), label[rows], weight=w, reduction="sum"
+            )
+            / w.sum()
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
