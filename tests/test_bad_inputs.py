@@ -181,8 +181,6 @@ CASES = [
         "train",
         lambda d: [*files()(d), f"ckpt_path={d}/truncated.ckpt"],
         ("truncated.ckpt",),
-        known_gap="train/resume.py select_checkpoint passes ckpt_path on unchecked: Lightning's "
-        "load then fails with a traceback",
     ),
     Case(
         "warm start from another model shape",

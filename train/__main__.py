@@ -8,6 +8,7 @@ import traceback
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,9 +37,12 @@ def train(cfg: DictConfig) -> float:
         scheme = instantiate(cfg.weights)
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)  # reads and checks every split: fail before writing
-    except (SchemeError, DataError) as err:
+    except (SchemeError, DataError, InstantiationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, SchemeError | DataError):  # Hydra wraps errors of the seams
+            raise
         outputs.remove_if_empty(run_dir)
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {cause}")
 
     model = instantiate(cfg.model)(data.spec.cardinalities, len(data.spec.dense))
     module = RankingModule(

@@ -176,6 +176,9 @@ def select_checkpoint(
     none loadable: an error (starting over would overwrite them). `resume=false`: fresh.
     """
     if ckpt_path:
+        problem = unusable(str(ckpt_path))
+        if problem is not None:
+            raise ResumeError(f"ckpt_path={ckpt_path}: {problem}")
         return str(ckpt_path)
     if resume is None or resume is False or str(resume).lower() in ("false", "no", "never"):
         return None
