@@ -105,7 +105,7 @@ def test_seed_scheme_trades_clicks_for_finishes(runs):
     ("override", "message"),
     [
         (
-            "weights.terms=[{behaviour: share, coef: 2}]",
+            "weights.terms=[{behaviour:share,coef:2}]",
             "weights.terms[0] (2*[share > 0]) reads behaviour 'share'",
         ),
         ("weights.negative_weight=-1", "weights.negative_weight must be a finite number >= 0"),
