@@ -56,9 +56,11 @@ def train(cfg: DictConfig) -> float:
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         weight_scale=1.0 / data.weight_mean if scheme.normalize == "mean" else 1.0,
         oracle=data.spec.oracle_names,
+        dense_fill=data.dense_fill,  # NaN in dense columns: training mean or 0
         xauc_pairs=cfg.xauc_pairs,
         seed=cfg.seed,
-        artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme),
+        artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme)
+        | {"dense_fill": data.dense_fill},
         positive_mean=fusion.positive_means(stats),  # scales the weighted head of model=multihead
         predictions=f"{run_dir}/{fusion.PREDICTIONS_FILE}",  # every head's test probabilities
         nonfinite=cfg.nonfinite,  # stop | skip
