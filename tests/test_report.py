@@ -403,6 +403,28 @@ def test_report_of_a_real_sweep(real_sweep: Path):
     assert 800 <= width <= 4000 and 500 <= height <= 4000
 
 
+@pytest.mark.e2e
+def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
+    """`hydra/launcher=joblib`: the runs of a sweep train at the same time (on a GPU machine one
+    per GPU with hardware=free_gpu; here on the CPU), each in its own folder."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    folder = tmp_path / "parallel"
+    command = [
+        sys.executable, "-m", "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "weights=click_only,seed", *TINY, "trainer.max_epochs=2", f"hydra.sweep.dir={folder}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = {p.name: p for p in folder.iterdir() if p.is_dir()}
+    assert sorted(runs) == ["0_click_only", "1_seed"]
+    # config.yaml is written when training starts, metrics.json when it ends: they overlap.
+    started = {name: (run / "config.yaml").stat().st_mtime for name, run in runs.items()}
+    ended = {name: (run / "metrics.json").stat().st_mtime for name, run in runs.items()}
+    assert max(started.values()) < min(ended.values()), (started, ended)
+    for run in runs.values():
+        assert 0.5 < json.loads((run / "metrics.json").read_text())["test/click/auc"] < 1
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
+from train import gpus
+
 
 def _if_cuda(yes: str, no: str) -> str:
     return yes if torch.cuda.is_available() else no
@@ -14,3 +16,6 @@ def register() -> None:
     # `${if_cuda:gpu,cpu}`: hardware=auto picks the GPU when there is one, never fails without.
     if not OmegaConf.has_resolver("if_cuda"):
         OmegaConf.register_new_resolver("if_cuda", _if_cuda)
+    # `${free_gpu:}` (hardware=free_gpu): a GPU no other upweight run on this machine holds.
+    if not OmegaConf.has_resolver("free_gpu"):
+        OmegaConf.register_new_resolver("free_gpu", gpus.free_gpu)
