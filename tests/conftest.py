@@ -251,3 +251,16 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"needs the public data samples in {folder} (absent here)")
     return folder
+
+
+# The slowest test files first: the image build (mostly downloads and disk) and the Slurm
+# cluster overlap with CPU-bound files, and `-n 2 --dist loadfile` workers finish together.
+SLOW_FIRST = ("test_container.py", "test_bad_inputs.py", "test_slurm.py", "test_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
