@@ -202,7 +202,11 @@ class RankingModule(L.LightningModule):
         names, counts = [], []
         for name, param in self.named_parameters():
             if param.grad is not None:
-                grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
+                if param.grad.is_sparse:
+                    # Coalesced in place, once: SparseAdam then finds it done (the sort is a
+                    # tenth of a CPU step).
+                    param.grad = param.grad.coalesce()
+                grad = param.grad.values() if param.grad.is_sparse else param.grad
                 names.append(name)
                 counts.append((~torch.isfinite(grad)).sum())
         if not counts:
