@@ -203,7 +203,7 @@ class RankingModule(L.LightningModule):
         for name, param in self.named_parameters():
             if param.grad is not None:
                 if param.grad.is_sparse:
-                    # Coalesced in place, once: SparseAdam then finds it done (the sort is a
+                    # Coalesced in place, once: the lazy Adam step then finds it done (the sort is a
                     # tenth of a CPU step).
                     param.grad = param.grad.coalesce()
                 grad = param.grad.values() if param.grad.is_sparse else param.grad

@@ -3,7 +3,10 @@
 Embedding tables are ~97% of a CTR model's parameters, but a batch touches a few thousand of
 their rows. Dense Adam updates every row every step; `SparseAdam` updates only the touched rows
 (TensorFlow's LazyAdam, the usual choice in recsys), which is what makes the step cost
-independent of the bucket counts.
+independent of the bucket counts. torch.optim.SparseAdam has LazyAdam's semantics but, on CPU,
+adds its sparse updates into the dense state by rewriting whole tables (three full-table passes
+a step); the sparse step here gathers, updates and scatters the touched rows only, with the same
+arithmetic and the same state (`step`, `exp_avg`, `exp_avg_sq`), so checkpoints are alike.
 """
 
 from __future__ import annotations
@@ -51,20 +54,19 @@ class SparseDenseAdam(torch.optim.Optimizer):
         sparse_groups = [g for g in groups if g["kind"] == "sparse"]
         # The inner optimizers fill in their defaults on these very dicts; the outer one then
         # holds the same dicts, so an LR scheduler acting on it acts on them.
-        self._inner: list[torch.optim.Optimizer] = []
-        if dense_groups:
-            self._inner.append(torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps))
-        if sparse_groups:
-            self._inner.append(torch.optim.SparseAdam(sparse_groups, lr=lr, betas=betas, eps=eps))
+        for group in sparse_groups:
+            group.setdefault("betas", betas)
+            group.setdefault("eps", eps)
+        self._dense = (
+            torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
+        )
         super().__init__(groups, defaults={"lr": lr})
         self._share_state()
 
     def _share_state(self) -> None:
-        dense = [g for g in self.param_groups if g["kind"] != "sparse"]
-        sparse = [g for g in self.param_groups if g["kind"] == "sparse"]
-        for inner, own in zip(self._inner, [x for x in (dense, sparse) if x], strict=True):
-            inner.param_groups = own
-            inner.state = self.state
+        if self._dense is not None:
+            self._dense.param_groups = [g for g in self.param_groups if g["kind"] != "sparse"]
+            self._dense.state = self.state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -76,9 +78,43 @@ class SparseDenseAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for inner in self._inner:
-            inner.step()
+        if self._dense is not None:
+            self._dense.step()
+        for group in self.param_groups:
+            if group["kind"] == "sparse":
+                self._lazy_adam(group)
         return loss
+
+    def _lazy_adam(self, group: dict) -> None:
+        """Adam on the rows present in each sparse gradient (SparseAdam's update, row-wise)."""
+        beta1, beta2 = group["betas"]
+        lr, eps = float(group["lr"]), group["eps"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            grad = param.grad.coalesce()  # the update is non-linear: one value per row
+            if grad.sparse_dim() != 1:
+                raise ValueError("sparse gradients must be row-sparse (nn.Embedding's)")
+            rows, values = grad.indices()[0], grad.values()
+            if values.numel() == 0:
+                continue
+            state = self.state[param]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            state["step"] += 1
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            # old + (1 - b) * (new - old), as SparseAdam computes it
+            m = exp_avg.index_select(0, rows)
+            m.add_(values.sub(m).mul_(1 - beta1))
+            v = exp_avg_sq.index_select(0, rows)
+            v.add_(values.square().sub_(v).mul_(1 - beta2))
+            exp_avg.index_copy_(0, rows, m)
+            exp_avg_sq.index_copy_(0, rows, v)
+            step = state["step"]
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            param.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
 
 
 def warmup_cosine(
