@@ -8,17 +8,15 @@ import io
 import json
 import math
 import os
-import shutil
-import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import S3Server
 from train import report
 from train.report import Run, build_report, find_runs, label_runs, main
 
@@ -425,79 +423,34 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
         assert 0.5 < json.loads((run / "metrics.json").read_text())["test/click/auc"] < 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on loopback, started and stopped by this module."""
-    pytest.importorskip("s3fs")
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(server).exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    proc = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.mark.e2e
 @pytest.mark.s3
-def test_report_reads_runs_from_s3(real_sweep: Path, s3_endpoint: str):
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    fs = s3fs.S3FileSystem(
-        key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint}
-    )
-    fs.mkdir("bucket")
+def test_report_reads_runs_from_s3(real_sweep: Path, s3_server: S3Server):
+    fs = s3_server.filesystem()
+    bucket = s3_server.bucket("report").removeprefix("s3://")
     for run in sorted(p for p in real_sweep.iterdir() if p.is_dir()):
         # everything the run wrote but its checkpoints (tens of MB, not read by the report)
         for file in run.rglob("*"):
             if file.is_file() and "checkpoints" not in file.parts:
-                fs.put_file(str(file), f"bucket/sweeps/x/{run.name}/{file.relative_to(run)}")
-    fs.put_file(str(ROOT / "pyproject.toml"), "bucket/sweeps/x/not-a-run/notes.txt")
+                fs.put_file(str(file), f"{bucket}/sweeps/x/{run.name}/{file.relative_to(run)}")
+    fs.put_file(str(ROOT / "pyproject.toml"), f"{bucket}/sweeps/x/not-a-run/notes.txt")
 
-    run_report("s3://bucket/sweeps/x", env=env)
+    run_report(f"s3://{bucket}/sweeps/x", env=s3_server.env)
     fs.invalidate_cache()
-    assert {p.rsplit("/", 1)[1] for p in fs.ls("bucket/sweeps/x")} >= {
+    assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/sweeps/x")} >= {
         "report.md",
         "report.csv",
         "pareto.png",
     }
-    remote = read_csv(fs.cat_file("bucket/sweeps/x/report.csv").decode())
+    remote = read_csv(fs.cat_file(f"{bucket}/sweeps/x/report.csv").decode())
     run_report(str(real_sweep), "--out", str(real_sweep / "local"))
     local = read_csv((real_sweep / "local" / "report.csv").read_text())
     # the same table, only the run folders differ
     assert [{k: v for k, v in r.items() if k != "run"} for r in remote] == [
         {k: v for k, v in r.items() if k != "run"} for r in local
     ]
-    assert remote[0]["run"].startswith("s3://bucket/sweeps/x/0_")
-    width, height = png_size(fs.cat_file("bucket/sweeps/x/pareto.png"))
+    assert remote[0]["run"].startswith(f"s3://{bucket}/sweeps/x/0_")
+    width, height = png_size(fs.cat_file(f"{bucket}/sweeps/x/pareto.png"))
     assert width > 500 and height > 300
-    assert "s3://bucket/sweeps/x" in fs.cat_file("bucket/sweeps/x/report.md").decode()
+    assert f"s3://{bucket}/sweeps/x" in fs.cat_file(f"{bucket}/sweeps/x/report.md").decode()
     assert not math.isnan(float(remote[0]["click/auc"]))
