@@ -4,7 +4,7 @@ slurmctld, slurmd; started here, see tests/slurm_cluster.py).
 - 2 tasks: DDP over gloo to the end, metrics.json in the run folder named after the job id;
 - the same job sent SIGUSR1 mid-epoch: it saves hpc_ckpt_1.ckpt, requeues itself, restarts,
   continues from there and ends with the steps, weights and metrics of the uninterrupted job;
-- a job array sweeps two weight schemes, one run folder each.
+- a job array sweeps a scheme and a coefficient (a SWEEP_FILE line each), one folder each.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
     assert_same_run(resumed, expected, resumed_metrics, expected_metrics)
 
 
-def test_job_array_sweeps_weight_schemes(cluster, tmp_path):
+def test_job_array_sweeps_schemes_and_coefficients(cluster, tmp_path):
+    grid = tmp_path / "grid.txt"
+    grid.write_text("# one run a line\nweights=click_only\n\nweights=seed weights.finish=10\n")
     job = submit(
         cluster,
         tmp_path,
@@ -144,7 +146,7 @@ def test_job_array_sweeps_weight_schemes(cluster, tmp_path):
         str(ROOT / "slurm" / "sweep.sbatch"),
         *SMALL,
         "trainer.max_epochs=1",
-        SCHEMES="click_only seed",
+        SWEEP_FILE=str(grid),
     )
     for task in ("0", "1"):
         completed(cluster, f"{job}_{task}", tmp_path)
@@ -152,4 +154,6 @@ def test_job_array_sweeps_weight_schemes(cluster, tmp_path):
     assert sorted(p.name for p in sweep.iterdir()) == ["0_click_only", "1_seed"]
     for folder in sweep.iterdir():
         assert (folder / "metrics.json").exists(), log(tmp_path)[-3000:]
-        assert f"name: {folder.name.split('_', 1)[1]}" in (folder / "config.yaml").read_text()
+    seed = (sweep / "1_seed" / "config.yaml").read_text()
+    assert "name: seed" in seed and "finish: 10" in seed, seed
+    assert "name: click_only" in (sweep / "0_click_only" / "config.yaml").read_text()
