@@ -27,12 +27,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from throughput import BATCH, DENSE, data_module, scheme
+from throughput import BATCH, data_module, job_module, job_trainer
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-from train.model import DNN
-from train.module import RankingModule
-from train.optim import SparseDenseAdam
 
 WARMUP = 5
 
@@ -85,31 +81,14 @@ def worker(rows: int, threads: int, sparse: bool, out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = data_module(rows, scale=1)
     data.batch_size = BATCH // world  # the same global batches whatever the process count
-    stats = data.stats
-    module = RankingModule(
-        DNN(data.spec.cardinalities, len(DENSE), sparse_embeddings=sparse),
-        scheme(),
-        behaviours=data.spec.behaviour_names,
-        continuous=stats.continuous,
-        dense_mean=stats.dense_mean,
-        dense_std=stats.dense_std,
-        optimizer=SparseDenseAdam,
-    )
+    module = job_module(data, sparse=sparse)
     count = ByteCount()
     clock = Clock(count)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = job_trainer(
         devices=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         num_nodes=1,
         strategy="ddp" if world > 1 else "auto",
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
         callbacks=[clock],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=data)
     if trainer.is_global_zero:

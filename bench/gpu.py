@@ -22,11 +22,7 @@ import time
 
 import lightning as L
 import torch
-from throughput import DENSE, data_module, scheme
-
-from train.model import DNN
-from train.module import RankingModule
-from train.optim import SparseDenseAdam
+from throughput import data_module, job_module, job_trainer
 
 WARMUP = 20
 
@@ -51,31 +47,16 @@ class Clock(L.Callback):
 
 def rows_per_s(data, batch_size: int, steps: int, accelerator: str = "gpu") -> float:
     data.batch_size = batch_size
-    stats = data.stats
-    module = RankingModule(
-        DNN(data.spec.cardinalities, len(DENSE)),
-        scheme(),
-        behaviours=data.spec.behaviour_names,
-        continuous=stats.continuous,
-        dense_mean=stats.dense_mean,
-        dense_std=stats.dense_std,
-        optimizer=SparseDenseAdam,
-    )
+    module = job_module(data)
     clock = Clock(torch.cuda.synchronize if accelerator == "gpu" else lambda: None)
-    trainer = L.Trainer(
+    trainer = job_trainer(
         accelerator=accelerator,
         devices=1,
         precision="bf16-mixed",
         max_steps=WARMUP + steps,
         max_epochs=-1,
-        limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         callbacks=[clock],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=data)
     return steps * batch_size / clock.seconds

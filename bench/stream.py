@@ -143,12 +143,8 @@ def throughput(
     bench/throughput.py runs it) fed by each mode, over the same number of steps. The modes
     alternate for `rounds` rounds, so both see the same machine load (on a shared machine a
     single long run of each mostly measures the neighbours)."""
-    import lightning as L
     import torch
-
-    from train.model import DNN
-    from train.module import RankingModule
-    from train.optim import SparseDenseAdam
+    from throughput import job_module, job_trainer
 
     scheme = seed_scheme()
     modules = {}
@@ -161,31 +157,10 @@ def throughput(
     clocks: dict[str, list[_StepClock]] = {"memory": [], "stream": []}
     for round_ in range(rounds):
         for mode, data in modules.items():
-            stats = data.stats
             torch.manual_seed(round_)
-            module = RankingModule(
-                DNN(data.spec.cardinalities, len(data.spec.dense)),
-                scheme,
-                behaviours=data.spec.behaviour_names,
-                continuous=stats.continuous,
-                dense_mean=stats.dense_mean,
-                dense_std=stats.dense_std,
-                optimizer=SparseDenseAdam,
-                dense_fill=data.dense_fill,
-            )
+            module = job_module(data, scheme)
             clock = _StepClock(warmup, warmup + steps - 1)
-            trainer = L.Trainer(
-                accelerator="cpu",
-                max_epochs=1,
-                limit_train_batches=warmup + steps,
-                limit_val_batches=0,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                use_distributed_sampler=False,
-                callbacks=[clock.callback],
-            )
+            trainer = job_trainer(limit_train_batches=warmup + steps, callbacks=[clock.callback])
             trainer.fit(module, datamodule=data)
             clocks[mode].append(clock)
         line = ", ".join(

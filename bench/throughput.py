@@ -84,27 +84,38 @@ def data_module(rows: int, scale: int) -> ImpressionDataModule:
     return data
 
 
-def job_rows_per_s(data: ImpressionDataModule) -> float:
+def job_module(data: ImpressionDataModule, weights=None, sparse: bool = True) -> RankingModule:
+    """The job's LightningModule on `data` (prepared), as the benchmarks train it."""
     stats = data.stats
-    module = RankingModule(
-        DNN(data.spec.cardinalities, len(DENSE)),
-        scheme(),
+    return RankingModule(
+        DNN(data.spec.cardinalities, len(data.spec.dense), sparse_embeddings=sparse),
+        weights or scheme(),
         behaviours=data.spec.behaviour_names,
         continuous=stats.continuous,
         dense_mean=stats.dense_mean,
         dense_std=stats.dense_std,
         optimizer=SparseDenseAdam,
+        dense_fill=data.dense_fill,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+
+
+def job_trainer(**overrides) -> L.Trainer:
+    """A Trainer for one timed epoch: no validation, logging, checkpoints or progress bar."""
+    settings = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "limit_val_batches": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "use_distributed_sampler": False,
+    }
+    return L.Trainer(**(settings | overrides))
+
+
+def job_rows_per_s(data: ImpressionDataModule) -> float:
+    module, trainer = job_module(data), job_trainer()
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return len(data.tables["train"]) / (time.perf_counter() - start)

@@ -223,7 +223,6 @@ def loader_position(checkpoint: dict[str, Any]) -> tuple[int, int]:
 @pytest.mark.e2e
 @pytest.mark.s3
 def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Server):
-    s3_server = s3_env
     # ~155 steps an epoch (batch 128), a last.ckpt every 10: the kill lands early in epoch 0.
     common = [
         *TINY,
@@ -232,15 +231,15 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
         "callbacks.last.every_n_train_steps=10",
     ]
     reference = train_process(*common, f"paths.output_dir={tmp_path}/reference", cwd=tmp_path)
-    run = f"{s3_server.bucket('runs')}/run"
-    fs = s3_server.filesystem()
+    run = f"{s3_env.bucket('runs')}/run"
+    fs = s3_env.filesystem()
     last = f"{run}/checkpoints/last.ckpt".removeprefix("s3://")
 
     def saved() -> bool:
         fs.invalidate_cache()
         return fs.exists(last)
 
-    killed = train_process(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_server.env)
+    killed = train_process(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_env.env)
     kill_when(killed, saved, poll=0.1)
     assert not fs.exists(f"{run}/metrics.json".removeprefix("s3://"))
     chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
@@ -255,7 +254,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     assert interrupted["global_step"] == epoch * steps + done
 
     resumed = train_process(
-        *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_server.env
+        *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_env.env
     )
     out = finish(resumed)
     assert f"resume=auto: continuing from {run}/checkpoints/" in out
