@@ -1,24 +1,29 @@
-"""Warm-started re-weighting vs a from-scratch run of the same scheme, on simulated data.
+"""Warm-started re-weighting vs from-scratch runs of the same scheme, on simulated data.
 
     python bench/warmstart.py [--rows 200000] [--out DIR] [--fraction 0.3333] [--tolerance 0.005]
                               [--warm-lr 0.01] [--seed 0]
+                              [--source "weights=click_only"] [--target "weights=seed"]
 
-Three real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
+Four real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
 
-1. `weights=click_only` from scratch, to convergence (early stopping on val click AUC);
-2. `weights=seed` from scratch, to convergence: the reference, and its step count S;
-3. `weights=seed init_from=<1's best.ckpt>` for a fixed budget of `fraction` x S steps
-   (max_steps), the final weights kept: no early stopping, since re-weighting lowers the
+1. the source scheme from scratch, to convergence (early stopping on the monitored metric);
+2. the target scheme from scratch, to convergence: the reference, and its step count S;
+3. the target scheme with `init_from=<1's best.ckpt>` for a fixed budget of `fraction` x S
+   steps (max_steps), the final weights kept: no early stopping, since re-weighting lowers the
    monitored click AUC by design (early stopping on it would stop at the first check); a
    cosine decay from `--warm-lr` over the budget (the schedule a fixed short budget wants).
-   `init_from` shifts the output bias by log(mean positive weight) of seed vs click_only
-   (see train/warmstart.py).
+   `init_from` shifts the output bias by log(mean positive weight) of target vs source
+   (see train/warmstart.py);
+4. the control: run 3 without `init_from` (same budget, schedule and LR, random init). Without
+   it, run 3 beating run 2 in fewer steps could be the short decaying schedule's doing, not the
+   warm start's; 3 - 4 is what the source model's weights are worth.
 
 "Steps" are optimizer steps (global_step in the run's checkpoints). S counts every step the
 from-scratch run trained, patience epochs included (what it cost); the steps to its best
 checkpoint are printed too. Passes when run 3's test AUC of every behaviour (click, finish,
 watch_time (> 0), like) is at least run 2's minus `tolerance`. Prints per-behaviour AUCs, the
-steps, a pass/fail line and, last, `ratio <warm steps / from-scratch steps>`.
+steps, a pass/fail line, whether the warm start beat the control and, last,
+`ratio <warm steps / from-scratch steps>`. Exit status 0 on a pass.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -52,20 +58,23 @@ def train(out: Path, overrides: list[str]) -> tuple[dict[str, float], int, int, 
     if done.returncode != 0:
         sys.exit(f"run {out.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    last = read(str(out / "checkpoints" / "last.ckpt"))["global_step"]
-    best = read(str(out / "checkpoints" / "best.ckpt"))["global_step"]
-    return metrics, int(last), int(best), seconds
+    checkpoints = out / "checkpoints"
+    last = read(str(checkpoints / "last.ckpt"))["global_step"]
+    best = checkpoints / "best.ckpt"
+    return metrics, int(last), int(read(str(best))["global_step"]) if best.exists() else -1, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="training impressions")
-    parser.add_argument("--out", help="folder for the three runs (default: a temporary one)")
+    parser.add_argument("--out", help="folder for the four runs (default: a temporary one)")
     parser.add_argument("--fraction", type=float, default=1 / 3, help="warm budget / S")
     parser.add_argument("--tolerance", type=float, default=0.005, help="AUC the warm run may lose")
     parser.add_argument("--max-epochs", type=int, default=30, help="cap for the scratch runs")
-    parser.add_argument("--warm-lr", type=float, default=0.01, help="peak LR of the warm run")
+    parser.add_argument("--warm-lr", type=float, default=0.01, help="peak LR of the short runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the feed and the models")
+    parser.add_argument("--source", default="weights=click_only", help="overrides of run 1")
+    parser.add_argument("--target", default="weights=seed", help="overrides of runs 2-4")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-warmstart-"))
     rows = args.rows
@@ -81,23 +90,19 @@ def main() -> None:
         f"data.simulator.n_videos={max(200, rows // 40)}",
         f"data.simulator.n_authors={max(20, rows // 400)}",
     ]
+    source, target = shlex.split(args.source), shlex.split(args.target)
     scratch = [*common, f"trainer.max_epochs={args.max_epochs}"]
     print(f"simulated feed: {rows} training rows, {rows // 4} val, {rows // 4} test; runs in {out}")
 
-    _, click_steps, click_best, t_click = train(
-        out / "click_only", [*scratch, "weights=click_only"]
-    )
-    print(
-        f"1. click_only from scratch: {click_steps} steps (best at {click_best}), {t_click:.0f} s"
-    )
-    ref, seed_steps, seed_best, t_seed = train(out / "seed_scratch", [*scratch, "weights=seed"])
-    print(f"2. seed from scratch:       {seed_steps} steps (best at {seed_best}), {t_seed:.0f} s")
+    _, source_steps, source_best, t = train(out / "source", [*scratch, *source])
+    print(f"1. {args.source} from scratch: {source_steps} steps (best at {source_best}), {t:.0f} s")
+    ref, steps, best, t = train(out / "target_scratch", [*scratch, *target])
+    print(f"2. {args.target} from scratch: {steps} steps (best at {best}), {t:.0f} s")
 
-    budget = max(1, int(seed_steps * args.fraction))
-    warm_overrides = [
+    budget = max(1, int(steps * args.fraction))
+    short = [
         *common,
-        "weights=seed",
-        f"init_from={out / 'click_only' / 'checkpoints' / 'best.ckpt'}",
+        *target,
         f"trainer.max_steps={budget}",
         "trainer.max_epochs=-1",
         f"trainer.val_check_interval={max(1, budget // 4)}",
@@ -107,32 +112,41 @@ def main() -> None:
         "scheduler.warmup_steps=0",
         f"optimizer.lr={args.warm_lr}",
     ]
-    warm, warm_steps, _, t_warm = train(out / "seed_warm", warm_overrides)
-    print(
-        f"3. seed warm-started from 1: {warm_steps} steps (budget {budget}, final weights "
-        f"kept), {t_warm:.0f} s"
-    )
+    init = f"init_from={out / 'source' / 'checkpoints' / 'best.ckpt'}"
+    warm, warm_steps, _, t = train(out / "target_warm", [*short, init])
+    print(f"3. warm-started from 1: {warm_steps} steps (budget {budget}), {t:.0f} s")
+    control, _, _, t = train(out / "target_short", short)
+    print(f"4. control, 3 from a random init: {budget} steps, {t:.0f} s")
 
-    print(f"\n{'test metric':<22} {'scratch':>8} {'warm':>8} {'warm-scratch':>13}")
-    ok = True
+    print(f"\n{'test metric':<22} {'scratch':>8} {'warm':>8} {'control':>8} {'warm-scratch':>13}")
+    ok, gain = True, []
     for b in BEHAVIOURS:
         key = f"test/{b}/auc"
         delta = warm[key] - ref[key]
         ok &= delta >= -args.tolerance
-        print(f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {delta:>+13.4f}")
+        gain.append(warm[key] - control[key])
+        print(f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {control[key]:>8.4f} {delta:>+13.4f}")
     key = "test/watch_time/xauc"
-    print(f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {warm[key] - ref[key]:>+13.4f}  (info)")
     print(
-        f"\nsteps: from scratch {seed_steps} (best checkpoint at {seed_best}), warm start "
-        f"{warm_steps} (+ {click_steps} of the click_only run it reuses)"
+        f"{key:<22} {ref[key]:>8.4f} {warm[key]:>8.4f} {control[key]:>8.4f} "
+        f"{warm[key] - ref[key]:>+13.4f}  (info)"
+    )
+    print(
+        f"\nsteps: from scratch {steps} (best checkpoint at {best}), warm start {warm_steps} "
+        f"(+ {source_steps} of the source run it reuses)"
     )
     verdict = "PASS" if ok else "FAIL"
     print(
-        f"{verdict}: warm-started seed within {args.tolerance} AUC of from-scratch seed on every "
-        f"behaviour in {warm_steps}/{seed_steps} = {warm_steps / seed_steps:.2f} of its steps "
-        f"({warm_steps / max(seed_best, 1):.2f} of the steps to its best checkpoint)"
+        f"{verdict}: warm start within {args.tolerance} AUC of from-scratch on every behaviour "
+        f"in {warm_steps}/{steps} = {warm_steps / steps:.2f} of its steps "
+        f"({warm_steps / max(best, 1):.2f} of the steps to its best checkpoint)"
     )
-    print(f"ratio {warm_steps / seed_steps:.3f}")
+    print(
+        f"warm start - control, mean over the behaviours' AUC: {sum(gain) / len(gain):+.4f} "
+        f"(per behaviour {', '.join(f'{g:+.4f}' for g in gain)}): "
+        + ("the source weights helped" if min(gain) > 0 else "a random init did as well or better")
+    )
+    print(f"ratio {warm_steps / steps:.3f}")
     sys.exit(0 if ok else 1)
 
 

@@ -1,10 +1,12 @@
 """Warm start: `init_from=CKPT_URL` starts a new run from an earlier model's weights.
 
 Re-weighting is the loop users run most (try another scheme, compare), and from scratch every
-scheme pays for a full training to convergence. A model trained under one scheme has already
-learned the ids and the trunk that every scheme needs; starting the next scheme from it and
-training for a shorter budget reaches the same metrics in a fraction of the steps
-(`bench/warmstart.py` measures it).
+scheme pays for a full training to convergence. A model trained under one scheme has learned ids
+and a trunk that the next scheme can start from, for a shorter budget. Whether that beats a
+random init depends on the source: `bench/warmstart.py` runs the comparison with a random-init
+control. On the simulator a source that made one pass over the rows warm-starts as well as the
+control; one trained to convergence over several epochs of the same rows starts worse (its id
+embeddings have memorised them; see the README's "Warm-started re-weighting").
 
 Only the model is taken over: the network's weights and the dense standardisation it was
 trained with (part of the function the weights compute). The optimizer, the LR schedule, the
