@@ -58,10 +58,9 @@ def train(out: Path, overrides: list[str]) -> tuple[dict[str, float], int, int, 
     if done.returncode != 0:
         sys.exit(f"run {out.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    checkpoints = out / "checkpoints"
-    last = read(str(checkpoints / "last.ckpt"))["global_step"]
-    best = checkpoints / "best.ckpt"
-    return metrics, int(last), int(read(str(best))["global_step"]) if best.exists() else -1, seconds
+    last = read(str(out / "checkpoints" / "last.ckpt"))["global_step"]
+    best = read(str(out / "checkpoints" / "best.ckpt"))["global_step"]
+    return metrics, int(last), int(best), seconds
 
 
 def main() -> None:
