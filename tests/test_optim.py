@@ -43,7 +43,7 @@ def train(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps: int)
 def test_matches_sparse_adam_and_adamw():
     torch.manual_seed(0)
     ours = Tiny()
-    reference = copy.deepcopy(ours)
+    reference, initial = copy.deepcopy(ours), ours.table.weight.detach().clone()
     train(ours, [SparseDenseAdam(ours, lr=0.05, weight_decay=0.01)], steps=25)
     train(
         reference,
@@ -56,7 +56,16 @@ def test_matches_sparse_adam_and_adamw():
     )
     for (name, mine), theirs in zip(ours.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(ours.table.weight, copy.deepcopy(Tiny()).table.weight)
+    assert not torch.equal(ours.table.weight, initial)
+
+
+def test_embedding_lr_zero_freezes_the_tables_only():
+    torch.manual_seed(0)
+    model = Tiny()
+    table, linear = model.table.weight.detach().clone(), model.linear.weight.detach().clone()
+    train(model, [SparseDenseAdam(model, lr=0.05, embedding_lr=0.0)], steps=5)
+    assert torch.equal(model.table.weight, table)
+    assert not torch.equal(model.linear.weight, linear)
 
 
 def test_rows_no_batch_touched_stay_as_they_were():

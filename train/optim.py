@@ -47,7 +47,11 @@ class SparseDenseAdam(torch.optim.Optimizer):
         groups = [
             {"params": decay, "weight_decay": weight_decay, "kind": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "kind": "no_decay"},
-            {"params": sparse, "kind": "sparse", "lr": embedding_lr or lr},
+            {
+                "params": sparse,
+                "kind": "sparse",
+                "lr": lr if embedding_lr is None else embedding_lr,
+            },
         ]
         groups = [g for g in groups if g["params"]]
         dense_groups = [g for g in groups if g["kind"] != "sparse"]
