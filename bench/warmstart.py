@@ -3,6 +3,7 @@
     python bench/warmstart.py [--rows 200000] [--out DIR] [--fraction 0.3333] [--tolerance 0.005]
                               [--warm-lr 0.01] [--seed 0]
                               [--source "weights=click_only"] [--target "weights=seed"]
+                              [--short "scheduler.warmup_steps=16 optimizer.embedding_lr=0"]
 
 Four real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the feed and the models")
     parser.add_argument("--source", default="weights=click_only", help="overrides of run 1")
     parser.add_argument("--target", default="weights=seed", help="overrides of runs 2-4")
+    parser.add_argument("--short", default="", help="more overrides of runs 3-4 (the short ones)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-warmstart-"))
     rows = args.rows
@@ -110,6 +112,7 @@ def main() -> None:
         "scheduler=cosine",
         "scheduler.warmup_steps=0",
         f"optimizer.lr={args.warm_lr}",
+        *shlex.split(args.short),
     ]
     init = f"init_from={out / 'source' / 'checkpoints' / 'best.ckpt'}"
     warm, warm_steps, _, t = train(out / "target_warm", [*short, init])
