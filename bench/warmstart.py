@@ -1,18 +1,23 @@
 """Warm-started re-weighting vs from-scratch runs of the same scheme, on simulated data.
 
     python bench/warmstart.py [--rows 200000] [--out DIR] [--fraction 0.3333] [--tolerance 0.005]
-                              [--warm-lr 0.01] [--seed 0]
+                              [--warm-lr 0.003] [--warmup-steps 8] [--seed 0]
+                              [--start first_epoch|best]
                               [--source "weights=click_only"] [--target "weights=seed"]
-                              [--short "scheduler.warmup_steps=16 optimizer.embedding_lr=0"]
+                              [--short "optimizer.embedding_lr=0"]
 
 Four real `python -m train` runs on the same simulated feed (seeded: the same rows every time):
 
 1. the source scheme from scratch, to convergence (early stopping on the monitored metric);
 2. the target scheme from scratch, to convergence: the reference, and its step count S;
-3. the target scheme with `init_from=<1's best.ckpt>` for a fixed budget of `fraction` x S
+3. the target scheme with `init_from=<1's first_epoch.ckpt>` (the model every run keeps after
+   its first epoch; `--start best` takes the converged one, a worse start: see the README's
+   "Warm-started re-weighting") for a fixed budget of `fraction` x S
    steps (max_steps), the final weights kept: no early stopping, since re-weighting lowers the
    monitored click AUC by design (early stopping on it would stop at the first check); a
-   cosine decay from `--warm-lr` over the budget (the schedule a fixed short budget wants).
+   cosine decay from `--warm-lr` over the budget (the schedule a fixed short budget wants),
+   after a short linear warm-up (a fresh Adam's first steps are as large as the LR whatever
+   the gradient; they knock a trained model off).
    `init_from` shifts the output bias by log(mean positive weight) of target vs source
    (see train/warmstart.py);
 4. the control: run 3 without `init_from` (same budget, schedule and LR, random init). Without
@@ -71,11 +76,20 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=1 / 3, help="warm budget / S")
     parser.add_argument("--tolerance", type=float, default=0.005, help="AUC the warm run may lose")
     parser.add_argument("--max-epochs", type=int, default=30, help="cap for the scratch runs")
-    parser.add_argument("--warm-lr", type=float, default=0.01, help="peak LR of the short runs")
+    parser.add_argument("--warm-lr", type=float, default=0.003, help="peak LR of the short runs")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=8, help="linear LR warm-up of the short runs"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the feed and the models")
     parser.add_argument("--source", default="weights=click_only", help="overrides of run 1")
     parser.add_argument("--target", default="weights=seed", help="overrides of runs 2-4")
     parser.add_argument("--short", default="", help="more overrides of runs 3-4 (the short ones)")
+    parser.add_argument(
+        "--start",
+        default="first_epoch",
+        choices=("first_epoch", "best"),
+        help="run 1's checkpoint that run 3 starts from",
+    )
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-warmstart-"))
     rows = args.rows
@@ -110,11 +124,13 @@ def main() -> None:
         "callbacks.early_stopping=null",
         "callbacks.checkpoint.monitor=null",
         "scheduler=cosine",
-        "scheduler.warmup_steps=0",
+        f"scheduler.warmup_steps={args.warmup_steps}",
         f"optimizer.lr={args.warm_lr}",
         *shlex.split(args.short),
     ]
-    init = f"init_from={out / 'source' / 'checkpoints' / 'best.ckpt'}"
+    start = out / "source" / "checkpoints" / f"{args.start}.ckpt"
+    start_steps = int(read(str(start))["global_step"])
+    init = f"init_from={start}"
     warm, warm_steps, _, t = train(out / "target_warm", [*short, init])
     print(f"3. warm-started from 1: {warm_steps} steps (budget {budget}), {t:.0f} s")
     control, _, _, t = train(out / "target_short", short)
@@ -135,7 +151,7 @@ def main() -> None:
     )
     print(
         f"\nsteps: from scratch {steps} (best checkpoint at {best}), warm start {warm_steps} "
-        f"(+ {source_steps} of the source run it reuses)"
+        f"(from run 1's {args.start}.ckpt, step {start_steps} of its {source_steps})"
     )
     verdict = "PASS" if ok else "FAIL"
     print(

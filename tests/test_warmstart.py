@@ -4,6 +4,7 @@ after loading equals the source model's, e2e)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -207,3 +208,53 @@ def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path
     assert done.returncode != 0
     assert "data.categorical.user_id: checkpoint has 50000 buckets, this run 1000" in done.stderr
     assert not (tmp_path / "warm").exists()
+
+
+@pytest.mark.e2e
+def test_every_run_keeps_its_first_epoch_model_to_warm_start_from(tmp_path):
+    run = tmp_path / "run"
+    done = run_train(
+        tmp_path, "trainer.max_epochs=3", "callbacks.early_stopping=null", f"paths.output_dir={run}"
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    first = read(str(run / "checkpoints" / "first_epoch.ckpt"))
+    last = read(str(run / "checkpoints" / "last.ckpt"))
+    assert first["epoch"] == 0 and 3 * first["global_step"] == last["global_step"] > 0
+    assert "optimizer_states" not in first  # weights only: a third of a full checkpoint
+    weights = [k for k in first["state_dict"] if k.startswith("model.")]
+    assert any(not torch.equal(first["state_dict"][k], last["state_dict"][k]) for k in weights)
+
+    # The warm start's first validation is the one logged after the source's first epoch.
+    warm = tmp_path / "warm"
+    done = run_train(
+        tmp_path,
+        f"init_from={run}/checkpoints/first_epoch.ckpt",
+        "trainer.max_epochs=0",
+        f"paths.output_dir={warm}",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    with open(run / "logs" / "metrics.csv") as file:
+        logged = next(r for r in csv.DictReader(file) if r.get("val/click/auc"))
+    assert int(logged["step"]) == first["global_step"] - 1
+    ours = json.loads((warm / "metrics.json").read_text())
+    for key in ("val/click/auc", "val/finish/auc", "val/like/auc", "val/watch_time/xauc"):
+        assert ours[key] == pytest.approx(float(logged[key]), abs=1e-6), key
+
+
+@pytest.mark.e2e
+def test_a_resumed_run_keeps_the_first_epoch_model(tmp_path):
+    run = tmp_path / "run"
+    done = run_train(tmp_path, f"paths.output_dir={run}")  # one epoch
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    steps = read(str(run / "checkpoints" / "last.ckpt"))["global_step"]
+    # best.ckpt is written at the same validation as first_epoch.ckpt, before it: a checkpoint
+    # callback going by its own restored state would save again after the second epoch.
+    done = run_train(
+        tmp_path,
+        "trainer.max_epochs=2",
+        f"ckpt_path={run}/checkpoints/best.ckpt",
+        f"paths.output_dir={run}",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert read(str(run / "checkpoints" / "last.ckpt"))["global_step"] == 2 * steps
+    assert read(str(run / "checkpoints" / "first_epoch.ckpt"))["global_step"] == steps
