@@ -37,8 +37,7 @@ RUN useradd --create-home --uid 10001 --user-group upweight \
     && mkdir /runs \
     && chown upweight:upweight /runs
 WORKDIR /app
-# Configs before code: they change less often.
-COPY conf/ conf/
+# The code with its configs (train/conf).
 COPY train/ train/
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "train"]

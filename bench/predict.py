@@ -23,8 +23,10 @@ import pyarrow.parquet as pq
 import torch
 
 from train.checkpoint import build_network, load
+from train.data.features import model_inputs
 from train.data.synthetic import FeedSimulator
-from train.predict import featurize_inputs, predict
+from train.layout import ARTIFACT_FORMAT
+from train.predict import predict
 
 SPEC = {
     "categorical": {
@@ -47,9 +49,19 @@ def write_checkpoint(path: Path, dense_mean: list[float], dense_std: list[float]
     """A checkpoint in the layout `python -m train` writes, of a freshly initialised DNN."""
     network = build_network(MODEL, list(SPEC["categorical"].values()), len(SPEC["dense"]), "bench")
     state = {f"model.{k}": v for k, v in network.state_dict().items()}
-    state |= {"dense_mean": torch.tensor(dense_mean), "dense_std": torch.tensor(dense_std)}
+    state |= {
+        "preprocess.mean": torch.tensor(dense_mean),
+        "preprocess.std": torch.tensor(dense_std),
+    }
     stats = {"rows": 0, "dense_mean": dense_mean, "dense_std": dense_std, "continuous": []}
-    upweight = {"format": 1, "model": MODEL, "spec": SPEC, "stats": stats, "scheme": {}}
+    spec = {**SPEC, "dense_fill": "mean"}
+    upweight = {
+        "format": ARTIFACT_FORMAT,
+        "model": MODEL,
+        "spec": spec,
+        "stats": stats,
+        "scheme": {},
+    }
     torch.save({"state_dict": state, "upweight": upweight}, path)
 
 
@@ -84,7 +96,7 @@ def main() -> None:
 
         checkpoint = load(str(ckpt))
         scorer = checkpoint.scorer.eval()
-        categorical, dense_in = featurize_inputs(table, checkpoint.spec, "bench")
+        categorical, dense_in = model_inputs(table, checkpoint.spec, "bench")
 
         def raw() -> None:
             with torch.inference_mode():

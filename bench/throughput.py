@@ -86,16 +86,13 @@ def data_module(rows: int, scale: int) -> ImpressionDataModule:
 
 def job_module(data: ImpressionDataModule, weights=None, sparse: bool = True) -> RankingModule:
     """The job's LightningModule on `data` (prepared), as the benchmarks train it."""
-    stats = data.stats
+    assert data.stats is not None, "prepare() the data module first"
     return RankingModule(
         DNN(data.spec.cardinalities, len(data.spec.dense), sparse_embeddings=sparse),
         weights or scheme(),
-        behaviours=data.spec.behaviour_names,
-        continuous=stats.continuous,
-        dense_mean=stats.dense_mean,
-        dense_std=stats.dense_std,
+        data.spec,
+        data.stats,
         optimizer=SparseDenseAdam,
-        dense_fill=data.dense_fill,
     )
 
 

@@ -1,8 +1,13 @@
-"""Checkpoints for the prediction, export and checkpoint-security tests.
+"""What the tests share: the tiny-run overrides, the one way to run a job in a subprocess and
+the one way to run it in-process, and checkpoints to score.
 
-`trained_run` trains one tiny real run with `python -m train` (once per test session, shared by
-every module that asks); `write_checkpoint` writes a checkpoint of a freshly initialised network
-in the same layout, for the fast tests that need no trained weights.
+- `TINY`: the overrides of a small, fast run (a test adds only what it is about);
+- `run_job(...)`: `python -m train` (or another entry point) in a subprocess, for tests that
+  check the exit code, stderr, signals or several processes;
+- `train_in_process(...)`: the same job composed and run in this process (no ~8 s of imports),
+  for tests that only read what the run wrote;
+- `trained_run`: one tiny trained run, shared by every module that asks;
+- `write_checkpoint`: a checkpoint of a freshly initialised network in the job's layout.
 """
 
 from __future__ import annotations
@@ -16,39 +21,120 @@ from typing import Any
 
 import torch
 
+import train
+from train.layout import ARTIFACT_FORMAT
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = [
-    "hardware=cpu",
-    "logger=csv",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    # A scheduler and a weighted scheme put a LambdaLR state and scheme terms in the checkpoint.
-    "scheduler=cosine",
-    "weights=engagement",
+CONF = Path(train.__file__).resolve().parent / "conf"
+"""The configs that ship in the package."""
+
+TINY_DATA = [
     "data.simulator.n_train=20000",
-    "data.simulator.n_val=5000",
-    "data.simulator.n_test=5000",
+    "data.simulator.n_val=2000",
+    "data.simulator.n_test=2000",
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
+    # Small buckets keep checkpoints small (the default tables make 30 MB files).
+    "data.categorical.user_id=1000",
+    "data.categorical.video_id=2000",
+    "data.categorical.author_id=200",
 ]
+"""The simulated feed of a tiny run (for tests that choose the hardware themselves)."""
+TINY_RUN = [
+    "hardware=cpu",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "model.hidden=[32,16]",
+    "xauc_pairs=1000",
+]
+"""What every tiny run sets whatever its data (`data=files` runs add their own columns)."""
+TINY = [*TINY_RUN, *TINY_DATA, "data.batch_size=1024"]
+"""A small run: 20 steps of batch 1024 per epoch on 2 CPU cores in a few seconds."""
+TINY_TRAINED = [
+    *TINY,
+    "trainer.max_epochs=1",
+    # A scheduler and a weighted scheme put a LambdaLR state and scheme terms in the checkpoint.
+    "scheduler=cosine",
+    "weights=engagement",
+]
+# One thread per process: tests run several at once on 2 cores, where OpenMP's spinning
+# threads make each step several times slower.
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def start_job(
+    *overrides: str,
+    cwd: Path,
+    module: str = "train",
+    env: Mapping[str, str] | None = None,
+    merge_stderr: bool = False,
+) -> subprocess.Popen:
+    """`python -m <module> <overrides>` started in `cwd` with stdout and stderr piped (stderr
+    merged into stdout with `merge_stderr`): for tests that act while it runs (kill it, cut its
+    storage). Run folders that a test does not place itself land in `cwd/outputs`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd,
+        env={**os.environ, **ENV, "UPWEIGHT_RUNS": str(Path(cwd) / "outputs"), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_job(
+    *overrides: str,
+    cwd: Path,
+    module: str = "train",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = False,
+) -> subprocess.CompletedProcess:
+    """`start_job` run to its end, output captured. `check=True` asserts exit code 0, showing
+    the output's end otherwise."""
+    process = start_job(*overrides, cwd=cwd, module=module, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def compose(*overrides: str, config_name: str = "train") -> Any:
+    """The job's config as `python -m train <overrides>` composes it (without Hydra's own
+    node: give `paths.output_dir`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from train import resolvers
+
+    resolvers.register()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def train_in_process(*overrides: str, output_dir: Path) -> float:
+    """Run the job in this process on the composed config; returns its test metric. Raises
+    SystemExit where the job exits (`error: ...`)."""
+    from train.__main__ import train as train_job
+
+    return train_job(compose(*overrides, f"paths.output_dir={output_dir}"))
+
+
 _RUNS: dict[str, Path] = {}
 
 
 def trained_run(tmp_path_factory: Any) -> Path:
-    """The run folder of one tiny `python -m train` run (trained on first use)."""
+    """The run folder of one tiny trained run (trained on first use, in this process)."""
     if "tiny" not in _RUNS:
         folder = tmp_path_factory.mktemp("trained")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "outputs")}
-        done = subprocess.run(
-            [sys.executable, "-m", "train", *TINY_RUN, f"paths.output_dir={folder}/run"],
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        train_in_process(*TINY_TRAINED, output_dir=folder / "run")
         _RUNS["tiny"] = folder / "run"
     return _RUNS["tiny"]
 
@@ -66,10 +152,13 @@ def write_checkpoint(
     target: str = "train.model.DNN",
     spec: Mapping[str, Any] | None = None,
     seed: int = 0,
+    legacy: bool = False,
     **model: Any,
 ) -> Path:
     """A checkpoint in the layout `python -m train` writes (state_dict with `model.*` and the
-    dense statistics, `upweight` with plain types), of a randomly initialised network."""
+    dense statistics, `upweight` with plain types), of a randomly initialised network.
+    `legacy=True`: the layout of format-1 files written before `train.preprocess` (statistics
+    under `dense_mean`/`dense_std`, the fill rule beside the spec instead of in it)."""
     from train.checkpoint import build_network
 
     spec = dict(spec or SPEC)
@@ -83,13 +172,20 @@ def write_checkpoint(
     mean = torch.linspace(10.0, 20.0, dense)
     std = torch.linspace(2.0, 5.0, dense)
     state = {f"model.{k}": v for k, v in network.state_dict().items()}
-    state |= {"dense_mean": mean, "dense_std": std}
+    if legacy:
+        state |= {"dense_mean": mean, "dense_std": std}
+        fill = {"dense_fill": spec.pop("dense_fill", "mean")}
+    else:
+        state |= {"preprocess.mean": mean, "preprocess.std": std}
+        spec.setdefault("dense_fill", "mean")
+        fill = {}
     torch.save(
         {
             "epoch": 0,
             "state_dict": state,
             "upweight": {
-                "format": 1,
+                **fill,
+                "format": ARTIFACT_FORMAT,
                 "model": config,
                 "spec": spec,
                 "stats": {

@@ -18,17 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
 class Unavailable(RuntimeError):
     """Slurm cannot run here; the message says why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install() -> None:
@@ -74,8 +70,8 @@ class SlurmCluster:
                 host=host,
                 cpus=os.cpu_count() or 1,
                 memory=max(memory, 256),
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
             )
         )
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}

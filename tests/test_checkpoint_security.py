@@ -9,15 +9,13 @@ import io
 import json
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, trained_run, write_checkpoint
+from tests.helpers import run_job, trained_run, write_checkpoint
 from train import serve
 from train.checkpoint import CheckpointError, load
 from train.export import export
@@ -70,13 +68,8 @@ def test_the_crafted_payload_is_real(tmp_path):
 
 def test_command_line_refuses_it_too(tmp_path):
     path, marker = crafted(tmp_path, "state_dict")
-    done = subprocess.run(
-        [sys.executable, "-m", "train.export", f"ckpt={path}", f"out={tmp_path}/artifact"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_job(
+        f"ckpt={path}", f"out={tmp_path}/artifact", cwd=tmp_path, module="train.export", timeout=300
     )
     assert done.returncode == 1
     assert "refused to load" in done.stderr and "posix.system" in done.stderr

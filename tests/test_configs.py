@@ -11,19 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from torch.cuda import is_available as cuda_available
 
+from tests.helpers import CONF, TINY_DATA
 from train import resolvers
 from train.weights import WeightScheme
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
-TINY = [
-    "data.simulator.n_train=2000",
-    "data.simulator.n_val=500",
-    "data.simulator.n_test=500",
-    "data.simulator.n_users=50",
-    "data.simulator.n_videos=100",
-    "data.simulator.n_authors=10",
-]
 
 
 def options(group: str) -> list[str]:
@@ -76,10 +68,10 @@ def test_groups_are_the_axes_of_variation():
 )
 def test_option_composes_and_instantiates(group, option, tmp_path):
     text = (CONF / group / f"{option}.yaml").read_text()
-    assert text.startswith("#"), f"conf/{group}/{option}.yaml must open with a comment"
+    assert text.startswith("#"), f"train/conf/{group}/{option}.yaml must open with a comment"
     overrides = [f"{group}={option}"]
     if group != "data" or option == "synthetic":
-        overrides += TINY
+        overrides += TINY_DATA
     if group == "data" and option == "files":
         overrides += files_overrides(tmp_path)
     elif group == "data" and option != "synthetic":
@@ -113,7 +105,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "data":
         data = instantiate(cfg.data)
         stats = data.prepare(instantiate(cfg.weights))
-        assert stats.rows == 2000 and "watch_time" in stats.continuous
+        assert stats.rows == (cfg.data.simulator.n_train if option == "synthetic" else 2000)
+        assert "watch_time" in stats.continuous
     # the callbacks always instantiate with the composed monitor
     assert all(instantiate(c) is not None for c in cfg.callbacks.values())
 

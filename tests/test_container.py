@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_resume import TINY
+from tests.helpers import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("UPWEIGHT_CONTAINER_CACHE", "/var/tmp/upweight-test-containers"))
 MIRROR = os.environ.get("UPWEIGHT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 TOOLS = {"buildah": "buildah", "podman": "podman", "runc": "runc", "debootstrap": "debootstrap"}

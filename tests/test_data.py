@@ -131,16 +131,7 @@ def test_memory_and_stream_give_the_same_metrics(feed):
         stats = data.prepare(SCHEME)
         torch.manual_seed(0)
         net = DNN(data.spec.cardinalities, len(data.spec.dense), hidden=(8,), embedding_dim=4)
-        ranking = RankingModule(
-            net,
-            SCHEME,
-            behaviours=data.spec.behaviour_names,
-            continuous=stats.continuous,
-            dense_mean=stats.dense_mean,
-            dense_std=stats.dense_std,
-            optimizer=lambda m: SparseDenseAdam(m),
-            dense_fill=data.dense_fill,
-        )
+        ranking = RankingModule(net, SCHEME, data.spec, stats, optimizer=SparseDenseAdam)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
@@ -261,8 +252,13 @@ def test_settings_are_checked(feed, key, value, message):
 
 
 def test_dense_fill_is_kept_for_the_model(feed):
-    assert module(feed).dense_fill == "mean"
-    assert module(feed, dense_fill="zero").dense_fill == "zero"
+    assert module(feed).spec.dense_fill == "mean"
+    data = module(feed, dense_fill="zero")
+    assert data.spec.dense_fill == "zero"
+    stats = data.prepare(SCHEME)
+    net = DNN(data.spec.cardinalities, len(data.spec.dense), hidden=(8,), embedding_dim=4)
+    ranking = RankingModule(net, SCHEME, data.spec, stats, optimizer=SparseDenseAdam)
+    assert ranking.preprocess.fill == "zero" and ranking.artifact["spec"]["dense_fill"] == "zero"
 
 
 def test_nulls_go_to_the_null_bucket_and_nan_dense_stays_for_the_fill(tmp_path):

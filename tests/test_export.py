@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ROOT, trained_run, write_checkpoint
+from tests.helpers import run_job, trained_run, write_checkpoint
 from tests.test_predict import rows, simulated
 from train import serve
 from train.checkpoint import load
@@ -72,15 +72,15 @@ def json_lines(table: pa.Table) -> list[str]:
 def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory)
     ckpt = run / "checkpoints" / "best.ckpt"
-    done = subprocess.run(
-        [sys.executable, "-m", "train.export", f"ckpt={ckpt}", f"out={tmp_path}/artifact"],
+    done = run_job(
+        f"ckpt={ckpt}",
+        f"out={tmp_path}/artifact",
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
+        module="train.export",
         timeout=300,
+        check=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the program matches the checkpoint" in done.stdout
     artifact = tmp_path / "artifact"
     assert sorted(p.name for p in artifact.iterdir()) == [
         "feature_spec.json",
@@ -125,7 +125,8 @@ def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path
     checkpoint = load(str(ckpt))
     assert [c["name"] for c in spec["categorical"]] == list(checkpoint.spec.categorical)
     assert [c["buckets"] for c in spec["categorical"]] == checkpoint.spec.cardinalities
-    assert [d["mean"] for d in spec["dense"]] == checkpoint.scorer.dense_mean.tolist()
+    assert [d["mean"] for d in spec["dense"]] == checkpoint.scorer.preprocess.mean.tolist()
+    assert [d["std"] for d in spec["dense"]] == checkpoint.scorer.preprocess.std.tolist()
     assert spec["dense_fill"] == "mean" and spec["null_bucket"] == 0
     assert spec["scheme"]["name"] == "engagement" and spec["outputs"] == ["score"]
     assert "0123456789123456" in spec["hashing"]["strings"]

@@ -13,17 +13,12 @@ import pytest
 import torch
 import yaml
 
-from train import fusion
-from train.fusion import (
-    FusionError,
-    HeadOutputs,
-    alpha_grid,
-    fused_score,
-    fusion_metrics,
-    read_predictions,
-)
+from train.heads import HeadOutputs, fused_score
+from train.layout import PREDICTIONS_FILE
 from train.metrics import BehaviourMetrics
-from train.report import build_report, find_runs, main
+from train.report import build_report, find_runs, fusion, main
+from train.report.fusion import FusionError, alpha_grid, fusion_metrics, read_predictions
+from train.storage import write_parquet
 
 HEADS = ["click", "finish", "watch_time", "like"]
 CONTINUOUS = ["watch_time"]
@@ -52,8 +47,8 @@ def write_predictions(folder: Path, fusion_config: dict | None = None) -> Path:
     out, gathered = outputs()
     table = out.table(gathered, fusion_config or {"click": 1.0})
     folder.mkdir(parents=True, exist_ok=True)
-    fusion.write_table(str(folder / fusion.PREDICTIONS_FILE), table)
-    return folder / fusion.PREDICTIONS_FILE
+    write_parquet(str(folder / PREDICTIONS_FILE), table)
+    return folder / PREDICTIONS_FILE
 
 
 def head_metrics_directly(url: Path, head: str) -> dict[str, float]:
@@ -190,14 +185,14 @@ def test_report_rows_fusion_grid_beside_schemes(tmp_path):
     labels = {r.label: r for r in report.rows}
     assert "fusion click=1" in labels and "fusion finish=1" in labels
     assert "fusion click=1 finish=0.5 watch_time=1 like=0.5" in labels
-    pred = read_predictions(str(head_run / fusion.PREDICTIONS_FILE))
+    pred = read_predictions(str(head_run / PREDICTIONS_FILE))
     assert labels["fusion like=1"].values == fusion_metrics(pred, {"like": 1.0})
     assert labels["fusion like=1"].source == str(head_run)
     # the Pareto marks and best-in-column run over schemes and fusion points together
     assert any(report.pareto[i] for i, r in enumerate(report.rows) if r.kind == "fusion")
 
     # without predictions (or on another split) the run's own fusion is one row
-    (head_run / fusion.PREDICTIONS_FILE).unlink()
+    (head_run / PREDICTIONS_FILE).unlink()
     runs, _ = find_runs([str(tmp_path)])
     rows = [r for r in build_report(runs).rows if r.kind == "fusion"]
     assert [(r.label, r.values["click/auc"]) for r in rows] == [("fusion click=1", 0.7)]

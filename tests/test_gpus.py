@@ -12,9 +12,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import train
 from train import gpus, resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = Path(train.__file__).resolve().parent / "conf"  # the configs the package ships
 HOLDER = """
 import sys
 from train import gpus
@@ -70,7 +72,7 @@ def test_no_gpu_is_a_clear_error(tmp_path):
 
 def test_free_gpu_config_composes_to_one_leased_device():
     resolvers.register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["hardware=free_gpu"])
     assert cfg.hardware.strategy == "auto" and cfg.hardware.accelerator == "gpu"
     node = OmegaConf.to_container(cfg.hardware, resolve=False)["devices"]

@@ -4,22 +4,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
-from tests.helpers import SPEC, TINY_RUN, trained_run, write_checkpoint
-from train import fusion
+from tests.helpers import (
+    SPEC,
+    TINY_TRAINED,
+    run_job,
+    train_in_process,
+    trained_run,
+    write_checkpoint,
+)
+from train import heads
 from train.checkpoint import load
+from train.layout import PREDICTIONS_FILE
 from train.model import MultiHead
-from train.report import build_report, find_runs, scheme_rows, write_report
+from train.report import build_report, find_runs, fusion, scheme_rows, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 HEADS = ["click", "finish", "watch_time", "like"]
 
 
@@ -52,12 +57,12 @@ def test_bad_heads_or_fusion_are_named(heads, fusion_config, message):
 
 
 def test_continuous_heads_weigh_positives_by_value_over_their_mean():
-    scales = fusion.head_scales(["click", "watch_time"], ["watch_time"], {"watch_time": 20.0})
+    scales = heads.head_scales(["click", "watch_time"], ["watch_time"], {"watch_time": 20.0})
     values = torch.tensor([[1.0, 40.0], [0.0, 0.0], [1.0, 5.0]])
-    weights = fusion.head_weights(values, scales)
+    weights = heads.head_weights(values, scales)
     torch.testing.assert_close(weights, torch.tensor([[1.0, 2.0], [1.0, 1.0], [1.0, 0.25]]))
     with pytest.raises(ValueError, match=r"'watch_time' is continuous but .* no positive"):
-        fusion.head_scales(["watch_time"], ["watch_time"], {})
+        heads.head_scales(["watch_time"], ["watch_time"], {})
 
 
 def test_scorer_of_a_multihead_checkpoint_gives_the_fused_score_and_every_head(tmp_path):
@@ -84,33 +89,22 @@ def test_scorer_of_a_multihead_checkpoint_gives_the_fused_score_and_every_head(t
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("multihead")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "outputs")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            *TINY_RUN,
-            "model=multihead",
-            "model.fusion={click: 1, finish: 0.5, watch_time: 0.25}",
-            "model.hidden=[64]",  # a shared trunk as well as the towers
-            "model.head_hidden=[16]",
-            f"paths.output_dir={folder}/run",
-        ],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    train_in_process(
+        *TINY_TRAINED,
+        "model=multihead",
+        "model.fusion={click: 1, finish: 0.5, watch_time: 0.25}",
+        "model.hidden=[64]",  # a shared trunk as well as the towers
+        "model.head_hidden=[16]",
+        output_dir=folder / "run",
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return folder / "run"
 
 
 @pytest.mark.e2e
 def test_run_saves_every_heads_test_predictions(run):
-    table = pq.read_table(run / fusion.PREDICTIONS_FILE)
-    assert table.num_rows == 5000  # the whole test split, once
+    table = pq.read_table(run / PREDICTIONS_FILE)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert table.num_rows == config["data"]["simulator"]["n_test"] == 2000  # the test split, once
     assert {f"p_{h}" for h in HEADS} | {f"y_{h}" for h in HEADS} <= set(table.column_names)
     assert {"group", "oracle_click", "oracle_positive_watch_time"} <= set(table.column_names)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -128,7 +122,7 @@ def test_run_saves_every_heads_test_predictions(run):
 @pytest.mark.e2e
 def test_sweep_reproduces_the_runs_own_metrics_exactly(run):
     metrics = json.loads((run / "metrics.json").read_text())
-    pred = fusion.read_predictions(str(run / fusion.PREDICTIONS_FILE))
+    pred = fusion.read_predictions(str(run / PREDICTIONS_FILE))
     assert pred.fusion == {"click": 1.0, "finish": 0.5, "watch_time": 0.25}
     configured = fusion.fusion_metrics(pred, pred.fusion)
     assert configured == {k: metrics[f"test/{k}"] for k in configured}
@@ -160,29 +154,18 @@ def _grid_01(runs, split):
 def test_two_processes_save_every_test_row_once_in_metric_order(tmp_path):
     """Under DDP the predictions are gathered like the metrics: every row once, in the order
     the metrics saw them, so the sweep still reproduces the run's own numbers exactly."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(tmp_path / "outputs")}
-    overrides = [o for o in TINY_RUN if not o.startswith("data.simulator.n_test")]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            *overrides,
-            "data.simulator.n_test=5001",  # odd: the ranks hold different row counts
-            "hardware.devices=2",
-            "model=multihead",
-            "model.hidden=[32]",
-            f"paths.output_dir={tmp_path}/run",
-        ],
+    run_job(
+        *TINY_TRAINED,
+        "data.simulator.n_test=2001",  # odd: the ranks hold different row counts
+        "hardware.devices=2",
+        "model=multihead",
+        "model.hidden=[32]",
+        f"paths.output_dir={tmp_path}/run",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        check=True,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    pred = fusion.read_predictions(str(tmp_path / "run" / fusion.PREDICTIONS_FILE))
-    assert pred.probs.shape == (5001, 4)
+    pred = fusion.read_predictions(str(tmp_path / "run" / PREDICTIONS_FILE))
+    assert pred.probs.shape == (2001, 4)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     swept = fusion.fusion_metrics(pred, pred.fusion)
     assert swept == {k: metrics[f"test/{k}"] for k in swept}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from train.optim import SparseDenseAdam, warmup_cosine
+from train.errors import ConfigError
+from train.optim import SparseDenseAdam, adam, cosine, warmup_cosine
 
 
 class Tiny(nn.Module):
@@ -93,3 +95,37 @@ def test_state_round_trips_and_schedulers_reach_every_group():
 
     warmup_cosine(optimizer, total_steps=100, warmup_steps=10)  # sets the first step's LR
     assert {round(g["lr"], 6) for g in optimizer.param_groups} == {round(0.05 / 10, 6)}
+
+
+def test_config_factories_check_their_values_and_build_the_same_optimizer():
+    # `optimizer=adam` / `scheduler=cosine` return what the module calls later; the values
+    # are checked when the config is instantiated, before anything is written.
+    torch.manual_seed(0)
+    model = Tiny()
+    ours, reference = copy.deepcopy(model), copy.deepcopy(model)
+    factory = adam(lr=0.05, weight_decay=0.01, embedding_lr=0.02)
+    optimizer = factory(ours)
+    assert isinstance(optimizer, SparseDenseAdam)
+    train(ours, [optimizer], steps=5)
+    train(reference, [SparseDenseAdam(reference, lr=0.05, weight_decay=0.01, embedding_lr=0.02)], 5)
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    schedule = cosine(warmup_steps=10, floor=0.2)(optimizer, 100)
+    assert isinstance(schedule, torch.optim.lr_scheduler.LambdaLR)
+    assert [round(f(0), 6) for f in schedule.lr_lambdas] == [0.1] * len(optimizer.param_groups)
+    for make, message in [
+        (lambda: adam(lr=0), r"optimizer.lr=0: expected a finite number > 0"),
+        (lambda: adam(lr=float("nan")), r"optimizer.lr=nan"),
+        (
+            lambda: adam(weight_decay=-1),
+            r"optimizer.weight_decay=-1: expected a finite number >= 0",
+        ),
+        (lambda: adam(embedding_lr="x"), r"optimizer.embedding_lr='x'"),
+        (lambda: adam(betas=(0.9, 1.0)), r"optimizer.betas=\[0.9, 1.0\]"),
+        (lambda: adam(eps=0), r"optimizer.eps=0"),
+        (lambda: cosine(warmup_steps=-1), r"scheduler.warmup_steps=-1: expected an integer >= 0"),
+        (lambda: cosine(warmup_steps=True), r"scheduler.warmup_steps=True"),
+        (lambda: cosine(floor=1.5), r"scheduler.floor=1.5: expected a number in \[0, 1\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            make()

@@ -4,9 +4,6 @@ several processes, multi-head outputs, and clear refusals that keep earlier outp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +17,14 @@ from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tests.helpers import ROOT, trained_run, write_checkpoint
+from tests.helpers import run_job, trained_run, write_checkpoint
 from train.checkpoint import CheckpointError, load
-from train.data.features import DataError
+from train.data.features import DataError, model_inputs
 from train.data.io import TableFormat
+from train.data.stats import TrainStats
 from train.model import DNN
 from train.module import RankingModule
-from train.predict import Piece, PredictError, featurize_inputs, predict, read_batches
+from train.predict import Piece, PredictError, predict, read_batches
 from train.weights import build_scheme
 
 LABELS = ["click", "finish", "like", "watch_s", "p_click", "p_finish", "p_like", "e_watch_s"]
@@ -95,17 +93,18 @@ def test_checkpoint_scorer_equals_the_training_module_forward(run):
     checkpoint = load(str(path))
     spec, stats = checkpoint.spec, checkpoint.artifact["stats"]
     config = {k: v for k, v in checkpoint.artifact["model"].items() if not k.startswith("_")}
+    fresh = {**stats, "dense_mean": [0.0] * len(spec.dense), "dense_std": [1.0] * len(spec.dense)}
     module = RankingModule(
         DNN(spec.cardinalities, len(spec.dense), **config),
         build_scheme(label="click"),
-        behaviours=spec.behaviour_names,
-        continuous=stats["continuous"],
-        dense_mean=[0.0] * len(spec.dense),  # overwritten by the checkpoint's buffers
-        dense_std=[1.0] * len(spec.dense),
+        spec,
+        TrainStats.from_dict(fresh),  # dense statistics overwritten by the checkpoint's buffers
         optimizer=lambda model: None,  # type: ignore[arg-type,return-value]
     )
     module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    categorical, dense = featurize_inputs(simulated(run, "val").slice(0, 2000), spec, "val")
+    assert torch.equal(module.preprocess.mean, torch.tensor(stats["dense_mean"]))
+    categorical, dense = model_inputs(simulated(run, "val").slice(0, 2000), spec, "val")
+    assert torch.isnan(dense).any(), "the fill is part of what is compared"
     with torch.no_grad():
         expected = torch.sigmoid(module.eval()(categorical, dense))
         got = checkpoint.scorer(categorical, dense)
@@ -286,27 +285,28 @@ def test_bad_checkpoints_fail_before_anything_is_written(tmp_path):
 @pytest.mark.e2e
 def test_command_line(run, tmp_path):
     data = tmp_path / "val.csv"
-    pacsv.write_csv(simulated(run, "val").slice(0, 3000), data)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "train.predict", f"ckpt={run}/checkpoints/best.ckpt"]
-    done = subprocess.run(
-        [*command, f"data.test={data}", f"out={tmp_path}/out", "keep=[user_id]", "batch_size=1000"],
+    pacsv.write_csv(simulated(run, "val").slice(0, 1500), data)  # two batches of 1000
+    ckpt = f"ckpt={run}/checkpoints/best.ckpt"
+    done = run_job(
+        ckpt,
+        f"data.test={data}",
+        f"out={tmp_path}/out",
+        "keep=[user_id]",
+        "batch_size=1000",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        module="train.predict",
         timeout=300,
+        check=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "scored 3000 rows from 1 file(s)" in done.stdout
-    assert pq.read_table(tmp_path / "out").num_rows == 3000
+    assert "scored 1500 rows from 1 file(s)" in done.stdout
+    assert pq.read_table(tmp_path / "out").num_rows == 1500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "val.csv"]  # nothing of Hydra's
-    failed = subprocess.run(
-        [*command, f"data.test={tmp_path}/nothing.csv", f"out={tmp_path}/out2"],
+    failed = run_job(
+        ckpt,
+        f"data.test={tmp_path}/nothing.csv",
+        f"out={tmp_path}/out2",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        module="train.predict",
         timeout=300,
     )
     assert failed.returncode == 1

@@ -13,9 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import train
 from train import resolvers
 
-ROOT = Path(__file__).resolve().parents[1]
+CONF = Path(train.__file__).resolve().parent / "conf"  # the configs the package ships
 # Tiny bucket counts: the shipped sizes suit the full data sets (a 600 MB checkpoint here).
 SMALL = {
     "icme2019": ["uid", "item_id", "author_id", "music_id", "device"],
@@ -52,7 +53,7 @@ def train_on(tmp_path: Path, name: str, train: Path, val: Path, test: Path, *ext
         *extra,
     ]
     resolvers.register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
@@ -143,7 +144,7 @@ def test_kuairand_layout_trains_with_watch_time_in_seconds(tmp_path):
 def test_icme2019_tab_separated_without_header_in_both_modes(shared_data, mode):
     sample = shared_data / "byterec_icme2019" / "byterec_sample.txt"
     resolvers.register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[

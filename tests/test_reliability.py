@@ -16,59 +16,28 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import S3Server
-from tests.helpers import ROOT
+from tests.helpers import TINY, run_job, start_job, train_in_process
+from train.data.features import FeatureSpec
+from train.data.stats import TrainStats
 from train.model import DNN
 from train.module import NonFiniteError, RankingModule
 from train.weights import build_scheme
 
-TINY = [
-    "hardware=cpu",
-    "logger=csv",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "data.simulator.n_train=20000",
-    "data.simulator.n_val=5000",
-    "data.simulator.n_test=5000",
-    "data.simulator.n_users=500",
-    "data.simulator.n_videos=1000",
-    "data.simulator.n_authors=100",
-    "data.categorical.user_id=1000",
-    "data.categorical.video_id=2000",
-    "data.categorical.author_id=200",
-]
-
-
-def train(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 300):
-    return subprocess.run(
-        [sys.executable, "-m", "train", *TINY, *args],
-        cwd=tmp_path,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "UPWEIGHT_RUNS": str(tmp_path / "runs"),
-            **(env or {}),
-        },
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+# One epoch of 5 batches of 4096 (20000 rows): the batch statistics below are of 4096 rows.
+BLOWUP = [*TINY, "trainer.max_epochs=1", "data.batch_size=4096", "optimizer.lr=1e30"]
 
 
 @pytest.mark.e2e
 def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
-    done = train(tmp_path, "optimizer.lr=1e30", f"paths.output_dir={tmp_path}/run")
+    done = run_job(*BLOWUP, f"paths.output_dir={tmp_path}/run", cwd=tmp_path, timeout=300)
     assert done.returncode != 0
     err = done.stderr
     assert "Traceback" not in err, err[-3000:]
@@ -86,12 +55,12 @@ def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
 def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path):
     # The flag rides the loss all-reduce: both ranks stop at the same step (no rank left
     # waiting in a collective, which would hang until the timeout).
-    done = train(
-        tmp_path,
-        "optimizer.lr=1e30",
+    done = run_job(
+        *BLOWUP,
         "hardware.devices=2",
         "data.batch_size=2048",
         f"paths.output_dir={tmp_path}/run",
+        cwd=tmp_path,
         timeout=400,
     )
     assert done.returncode != 0
@@ -101,14 +70,7 @@ def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path):
 @pytest.mark.e2e
 def test_nonfinite_skip_counts_skipped_batches(tmp_path):
     run = tmp_path / "run"
-    done = train(
-        tmp_path,
-        "optimizer.lr=1e30",
-        "nonfinite=skip",
-        "trainer.log_every_n_steps=1",
-        f"paths.output_dir={run}",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_in_process(*BLOWUP, "nonfinite=skip", "trainer.log_every_n_steps=1", output_dir=run)
     rows = list(csv.DictReader(io.StringIO((run / "logs" / "metrics.csv").read_text())))
     skipped = [float(r["train/skipped_batches"]) for r in rows if r.get("train/skipped_batches")]
     # 20000 rows / 4096 = 5 batches: the first steps (lr 1e30), the 4 after it are skipped.
@@ -122,13 +84,25 @@ def test_nonfinite_skip_counts_skipped_batches(tmp_path):
 
 def module(nonfinite: str) -> RankingModule:
     scheme = build_scheme(name="click_only", label="click")
+    spec = FeatureSpec(
+        categorical={"user_id": 10, "video_id": 20},
+        dense=["x"],
+        behaviours={"click": "click"},
+        group_key="user_id",
+    )
+    stats = TrainStats(
+        rows=2,
+        dense_mean=[0.0],
+        dense_std=[1.0],
+        continuous=[],
+        positive_rate={"click": 0.5},
+        behaviour_mean={"click": 0.5},
+    )
     return RankingModule(
         DNN([10, 20], 1, embedding_dim=4, hidden=[8]),
         scheme,
-        behaviours=["click"],
-        continuous=[],
-        dense_mean=[0.0],
-        dense_std=[1.0],
+        spec,
+        stats,
         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         nonfinite=nonfinite,
     )
@@ -250,21 +224,14 @@ def test_s3_outage_mid_run_loses_nothing_saved(tmp_path, s3_server: S3Server, ou
     fs = s3_server.filesystem()
     via_relay = f"http://127.0.0.1:{relay.port}"
     env = {**s3_server.env, "AWS_ENDPOINT_URL": via_relay}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            *TINY,
-            "data.batch_size=256",  # 79 steps
-            "callbacks.last.every_n_train_steps=5",
-            f"paths.output_dir={run}",
-        ],
+    process = start_job(
+        *TINY,
+        "trainer.max_epochs=1",
+        "data.batch_size=256",  # 79 steps
+        "callbacks.last.every_n_train_steps=5",
+        f"paths.output_dir={run}",
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        env=env,
     )
     last = f"{run}/checkpoints/last.ckpt".removeprefix("s3://")
     try:

@@ -7,16 +7,15 @@ import csv
 import io
 import json
 import math
-import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import S3Server
+from tests.helpers import TINY, run_job
 from train import report
 from train.report import Run, build_report, find_runs, label_runs, main
 
@@ -141,7 +140,7 @@ def test_labels_name_the_non_default_knobs(tmp_path: Path):
         config = {"weights": w, "seed": seed, "paths": {"output_dir": folder}}
         return Run(folder, {}, config)
 
-    shipped = yaml.safe_load((ROOT / "conf/weights/seed.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "train/conf/weights/seed.yaml").read_text())
     default_finish = shipped["finish"]
     runs = [
         run("a", weights("seed", click=1, finish=default_finish, long_watch=5, long_watch_s=30)),
@@ -335,49 +334,18 @@ def test_bad_folders_fail_clearly(tmp_path: Path, sweep: Path):
 # slow: a real sweep, and the same runs read back from S3
 # --------------------------------------------------------------------------------------------
 
-# Exactly these overrides: with the default `hydra.sweep.subdir` (every override in the folder
-# name) one more override makes a folder name longer than 255 bytes.
-TINY = [
-    "hardware=cpu",
-    "trainer.max_epochs=1",
-    "data.simulator.n_train=20000",
-    "data.simulator.n_val=5000",
-    "data.simulator.n_test=5000",
-    "data.simulator.n_users=500",
-    "data.simulator.n_videos=1000",
-    "data.simulator.n_authors=100",
-]
-
 
 @pytest.fixture(scope="module")
 def real_sweep(tmp_path_factory) -> Path:
     """`python -m train -m weights=click_only,seed,watch_time` on tiny simulated data."""
     folder = tmp_path_factory.mktemp("sweep") / "schemes"
-    command = [
-        sys.executable,
-        "-m",
-        "train",
-        "-m",
-        "weights=click_only,seed,watch_time",
-        *TINY,
-        f"hydra.sweep.dir={folder}",
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    overrides = ["-m", "weights=click_only,seed,watch_time", *TINY, "trainer.max_epochs=1"]
+    run_job(*overrides, f"hydra.sweep.dir={folder}", cwd=folder.parent, check=True)
     return folder
 
 
 def run_report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "train.report", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    return run_job(*args, module="train.report", cwd=ROOT, env=env, timeout=300, check=True)
 
 
 @pytest.mark.e2e
@@ -407,12 +375,20 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
     per GPU with hardware=free_gpu; here on the CPU), each in its own folder."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     folder = tmp_path / "parallel"
-    command = [
-        sys.executable, "-m", "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        "weights=click_only,seed", *TINY, "trainer.max_epochs=2", f"hydra.sweep.dir={folder}",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    overrides = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "weights=click_only,seed",
+    ]
+    run_job(
+        *overrides,
+        *TINY,
+        "trainer.max_epochs=2",
+        f"hydra.sweep.dir={folder}",
+        cwd=tmp_path,
+        check=True,
+    )
     runs = {p.name: p for p in folder.iterdir() if p.is_dir()}
     assert sorted(runs) == ["0_click_only", "1_seed"]
     # config.yaml is written when training starts, metrics.json when it ends: they overlap.

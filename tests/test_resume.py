@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,33 +20,13 @@ from typing import Any
 import pytest
 import torch
 
+from tests import helpers
 from tests.conftest import S3Server
-from train import resume
-from train.resume import ResumeError, atomic_save, select_checkpoint
+from tests.helpers import TINY, run_job
+from train import checkpoint_io
+from train.checkpoint_io import ResumeError, atomic_save, select_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 20  # 20000 rows / batch 1024
-# Small buckets keep checkpoints small (the default tables make 30 MB files).
-TINY = [
-    "hardware=cpu",
-    "logger=csv",
-    "trainer.enable_progress_bar=false",
-    "data.simulator.n_train=20000",
-    "data.simulator.n_val=2000",
-    "data.simulator.n_test=2000",
-    "data.simulator.n_users=500",
-    "data.simulator.n_videos=1000",
-    "data.simulator.n_authors=100",
-    "data.categorical.user_id=1000",
-    "data.categorical.video_id=2000",
-    "data.categorical.author_id=200",
-    "data.batch_size=1024",
-    "model.hidden=[32,16]",
-    "xauc_pairs=1000",
-]
-# One thread per process: tests run several at once on 2 cores, where OpenMP's spinning
-# threads make each step several times slower.
-ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+STEPS_PER_EPOCH = 20  # TINY: 20000 rows / batch 1024
 
 
 def training_checkpoint(step: int = 0, **extra: Any) -> dict[str, Any]:
@@ -121,7 +100,7 @@ def test_equal_times_prefer_hpc_then_last(tmp_path):
     for name in ("best.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"):
         atomic_save(training_checkpoint(), str(tmp_path / name))
         os.utime(tmp_path / name, (1_000_000, 1_000_000))
-    order = [Path(c.url).name for c in resume.find_checkpoints([str(tmp_path)])]
+    order = [Path(c.url).name for c in checkpoint_io.find_checkpoints([str(tmp_path)])]
     assert order == ["hpc_ckpt_2.ckpt", "hpc_ckpt_1.ckpt", "last.ckpt", "best.ckpt"]
 
 
@@ -167,17 +146,9 @@ def _umask() -> int:
 # --------------------------------------------------------------------------- end to end
 
 
-def train_process(
-    *overrides: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "train", *overrides],
-        cwd=cwd,
-        env={**os.environ, **ENV, "UPWEIGHT_RUNS": str(cwd / "outputs"), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start_job(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The run under test, stderr merged into stdout (the order of both tells what happened)."""
+    return helpers.start_job(*overrides, cwd=cwd, env=env, merge_stderr=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -230,7 +201,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
         "trainer.max_epochs=2",
         "callbacks.last.every_n_train_steps=10",
     ]
-    reference = train_process(*common, f"paths.output_dir={tmp_path}/reference", cwd=tmp_path)
+    reference = start_job(*common, f"paths.output_dir={tmp_path}/reference", cwd=tmp_path)
     run = f"{s3_env.bucket('runs')}/run"
     fs = s3_env.filesystem()
     last = f"{run}/checkpoints/last.ckpt".removeprefix("s3://")
@@ -239,7 +210,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
         fs.invalidate_cache()
         return fs.exists(last)
 
-    killed = train_process(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_env.env)
+    killed = start_job(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_env.env)
     kill_when(killed, saved, poll=0.1)
     assert not fs.exists(f"{run}/metrics.json".removeprefix("s3://"))
     chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
@@ -253,11 +224,10 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     assert 0 < done < steps
     assert interrupted["global_step"] == epoch * steps + done
 
-    resumed = train_process(
-        *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_env.env
+    resumed = run_job(
+        *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_env.env, check=True
     )
-    out = finish(resumed)
-    assert f"resume=auto: continuing from {run}/checkpoints/" in out
+    assert f"resume=auto: continuing from {run}/checkpoints/" in resumed.stdout + resumed.stderr
     finish(reference)
 
     with fs.open(last, "rb") as handle:
@@ -281,7 +251,7 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path):
         "trainer.max_epochs=1",
     ]
     folder = tmp_path / "run" / "checkpoints"
-    process = train_process(
+    process = start_job(
         *big,
         "callbacks.last.every_n_train_steps=2",
         f"paths.output_dir={tmp_path}/run",
@@ -301,15 +271,16 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert select_checkpoint("auto", None, [str(folder)]) == str(folder / "last.ckpt")
 
     # ckpt_path as a URL continues the same run from it, to the step count of a whole epoch.
-    resumed = train_process(
+    resumed = run_job(
         *big,
         "callbacks.last.every_n_train_steps=1000",
         f"ckpt_path=file://{folder}/last.ckpt",
         f"paths.output_dir={tmp_path}/run",
         cwd=tmp_path,
+        check=True,
     )
-    out = finish(resumed)
-    assert f"Restored all states from the checkpoint at file://{folder}/last.ckpt" in out
+    restored = f"Restored all states from the checkpoint at file://{folder}/last.ckpt"
+    assert restored in resumed.stdout + resumed.stderr
     final = torch.load(folder / "last.ckpt", weights_only=True, mmap=True)
     assert final["global_step"] == STEPS_PER_EPOCH
     assert not [p for p in folder.iterdir() if p.name.startswith(".")], "leftover cleaned up"

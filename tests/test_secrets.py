@@ -5,15 +5,12 @@ checkpoints: every byte, binary too) nor its stdout/stderr may contain either.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 from tests.conftest import S3Server
-from tests.helpers import ROOT
+from tests.helpers import run_job
 from tests.test_bad_inputs import TRAIN, table
 
 
@@ -40,31 +37,22 @@ def test_planted_secrets_appear_in_no_output(tmp_path, s3_server: S3Server):
         f"client_kwargs: {{endpoint_url: '{s3_server.endpoint_url}'}}}}"
     )
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "UPWEIGHT_RUNS": str(tmp_path / "runs"),
         "AWS_ACCESS_KEY_ID": env_key,
         "AWS_SECRET_ACCESS_KEY": env_secret,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            *TRAIN,
-            f"data.train={bucket}/train.parquet",
-            f"data.val={bucket}/val.parquet",
-            f"data.test={bucket}/test.parquet",
-            f"data.storage_options={options}",
-            "trainer.log_every_n_steps=1",
-            f"paths.output_dir={run}",
-        ],
+    # A subprocess: its stdout and stderr are searched too.
+    done = run_job(
+        *TRAIN,
+        f"data.train={bucket}/train.parquet",
+        f"data.val={bucket}/val.parquet",
+        f"data.test={bucket}/test.parquet",
+        f"data.storage_options={options}",
+        "trainer.log_every_n_steps=1",
+        f"paths.output_dir={run}",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

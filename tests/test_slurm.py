@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from tests.conftest import free_port
+from tests.helpers import ENV, ROOT, TINY
 from tests.slurm_cluster import SlurmCluster, Unavailable
-from tests.test_resume import ENV, TINY, assert_same_run, loader_position
+from tests.test_resume import assert_same_run, loader_position
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parents[1]
 # hardware=slurm comes from the scripts: the counts from the job, not from the command line.
 SMALL = [a for a in TINY if not a.startswith("hardware=")]
 ARGS = [

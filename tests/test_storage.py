@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import GCSServer, S3Server, free_port
+from tests.helpers import TINY_RUN, run_job
 from train.data.features import DataError
 from train.data.module import ImpressionDataModule
 from train.data.synthetic import FeedSimulator
+from train.secrets import safe_url, scrub
 from train.weights import build_scheme
 
-ROOT = Path(__file__).resolve().parents[1]
 SIM = FeedSimulator(n_train=2400, n_val=600, n_test=500, n_users=60, n_videos=120, n_authors=20)
 ROLES = {
     "categorical": {"user_id": 100, "video_id": 200, "device": 8},
@@ -34,11 +34,10 @@ CLI_ROLES = [
     "data.behaviours={click: click, watch_time: watch_s}",
     "data.group_key=user_id",
 ]
-TINY_TRAINER = [
-    "hardware=cpu",
-    "logger=csv",
+# A tiny run on data=files: the roles above name the columns, no simulator sizes.
+FILES_TINY = [
+    *TINY_RUN,
     "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
     "trainer.num_sanity_val_steps=0",
     "data.batch_size=512",
 ]
@@ -54,19 +53,23 @@ def upload_feed(fs, root: str, shards: int = 3) -> None:
                 pq.write_table(table.slice(i * step, step), f, row_group_size=200)
 
 
-def run_train(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "train", *overrides, f"paths.output_dir={tmp_path}/run"],
+def run_isolated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *overrides: str
+) -> CompletedProcess:
+    """`python -m train` (`run_job`) with no AWS_*/FSSPEC_* variables but those in `env`."""
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "FSSPEC_")):
+            monkeypatch.delenv(key)
+    return run_job(
+        *overrides,
+        f"paths.output_dir={tmp_path}/run",
         cwd=tmp_path,
-        env={**clean, **env, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(tmp_path / "out")},
-        capture_output=True,
-        text=True,
+        env=env,
         timeout=300,
     )
 
 
-def run_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> str:
+def run_outputs(tmp_path: Path, done: CompletedProcess) -> str:
     """Everything the run printed or wrote, as text (to look for leaked credentials)."""
     texts = [done.stdout, done.stderr]
     texts += [
@@ -90,15 +93,19 @@ def splits(root: str) -> dict[str, str]:
 
 @pytest.mark.s3
 @pytest.mark.e2e
-def test_train_and_evaluate_from_s3_with_options_and_no_leak(tmp_path, s3_server: S3Server):
+def test_train_and_evaluate_from_s3_with_options_and_no_leak(
+    tmp_path, monkeypatch, s3_server: S3Server
+):
+    # A subprocess: every line it prints is searched for the credentials.
     bucket = s3_server.bucket("feed")
     upload_feed(s3_server.filesystem(), bucket.removeprefix("s3://"))
     options = (
         f"data.storage_options={{key: {s3_server.key}, secret: {s3_server.secret}, "
         f"client_kwargs: {{endpoint_url: '{s3_server.endpoint_url}'}}}}"
     )
-    done = run_train(
+    done = run_isolated(
         tmp_path,
+        monkeypatch,
         {},  # no AWS_* variables: everything comes from data.storage_options
         "data=files",
         f"data.train={bucket}/train",
@@ -108,7 +115,7 @@ def test_train_and_evaluate_from_s3_with_options_and_no_leak(tmp_path, s3_server
         options,
         "data.mode=stream",
         "data.num_workers=2",
-        *TINY_TRAINER,
+        *FILES_TINY,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -122,11 +129,16 @@ def test_train_and_evaluate_from_s3_with_options_and_no_leak(tmp_path, s3_server
 
 @pytest.mark.s3
 @pytest.mark.e2e
-def test_train_and_evaluate_from_gcs_with_environment_credentials(tmp_path, gcs_server: GCSServer):
+def test_train_and_evaluate_from_gcs_with_environment_credentials(
+    tmp_path, monkeypatch, gcs_server: GCSServer
+):
+    # A subprocess: gcsfs and fsspec read STORAGE_EMULATOR_HOST and FSSPEC_GCS_TOKEN when
+    # imported, as in a user's job; this process imported them long ago.
     bucket = gcs_server.bucket("feed")
     upload_feed(gcs_server.filesystem(), bucket.removeprefix("gs://"))
-    done = run_train(
+    done = run_isolated(
         tmp_path,
+        monkeypatch,
         gcs_server.env,  # STORAGE_EMULATOR_HOST + anonymous token, as a user's env would be
         "data=files",
         f"data.train={bucket}/train",
@@ -134,7 +146,7 @@ def test_train_and_evaluate_from_gcs_with_environment_credentials(tmp_path, gcs_
         f"data.test={bucket}/test",
         *CLI_ROLES,
         "data.mode=memory",
-        *TINY_TRAINER,
+        *FILES_TINY,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -234,8 +246,6 @@ def test_unreachable_endpoint_is_named():
 
 
 def test_credentials_in_urls_and_messages_are_hidden():
-    from train.data.io import safe_url, scrub
-
     assert (
         safe_url("https://user:pa55@host/x.parquet?X-Amz-Signature=abc")
         == "https://host/x.parquet?…"

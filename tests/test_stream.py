@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as the rank program
     sys.path.insert(0, str(ROOT))
 
+from tests.helpers import run_job  # noqa: E402
 from train.data.features import DataError, FeatureSpec  # noqa: E402
 from train.data.io import TableFormat  # noqa: E402
 from train.data.stream import (  # noqa: E402
@@ -327,38 +328,30 @@ def test_ddp_training_streams_uneven_shards(tmp_path):
             part = table.slice(int(a * len(table)), int((b - a) * len(table)))
             pq.write_table(part, tmp_path / split / f"p{i}.parquet", row_group_size=97)
     run = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            "data=files",
-            f"data.train={tmp_path}/train",
-            f"data.val={tmp_path}/val",
-            f"data.test={tmp_path}/test/*.parquet",
-            "data.categorical={user_id: 200, video_id: 300, device: 10}",
-            "data.dense=[video_len_s, video_age_days]",
-            "data.behaviours={click: click, watch_time: watch_s}",
-            "data.group_key=user_id",
-            "data.mode=stream",
-            "data.num_workers=2",
-            "data.batch_size=256",
-            "data.eval_batch_size=128",
-            "hardware=cpu",
-            "hardware.devices=2",
-            "hardware.strategy=ddp",
-            "trainer.max_epochs=2",
-            "trainer.enable_progress_bar=false",
-            "logger=csv",
-            f"paths.output_dir={run}",
-        ],
+    run_job(
+        "data=files",
+        f"data.train={tmp_path}/train",
+        f"data.val={tmp_path}/val",
+        f"data.test={tmp_path}/test/*.parquet",
+        "data.categorical={user_id: 200, video_id: 300, device: 10}",
+        "data.dense=[video_len_s, video_age_days]",
+        "data.behaviours={click: click, watch_time: watch_s}",
+        "data.group_key=user_id",
+        "data.mode=stream",
+        "data.num_workers=2",
+        "data.batch_size=256",
+        "data.eval_batch_size=128",
+        "hardware=cpu",
+        "hardware.devices=2",
+        "hardware.strategy=ddp",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"paths.output_dir={run}",
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(tmp_path / "outputs")},
-        capture_output=True,
-        text=True,
         timeout=300,
+        check=True,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.4 < metrics["test/click/auc"] <= 1.0
     assert json.loads((run / "stats.json").read_text())["rows"] == 3000

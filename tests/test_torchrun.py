@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.test_resume import ENV, TINY
+from tests.helpers import ENV, TINY
 
 
 @pytest.mark.ddp

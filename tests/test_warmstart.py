@@ -7,22 +7,29 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import SPEC, TINY_RUN, trained_run, write_checkpoint
+from tests.helpers import (
+    SPEC,
+    TINY_TRAINED,
+    run_job,
+    train_in_process,
+    trained_run,
+    write_checkpoint,
+)
+from train import config_checks
 from train.checkpoint import build_network, read
+from train.data.batch import Batch
 from train.data.features import FeatureSpec
+from train.data.stats import TrainStats
+from train.errors import ConfigError
 from train.module import RankingModule
 from train.warmstart import WarmStartError, differences, init_from, logit_shift
 from train.weights import WeightScheme
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"_target_": "train.model.DNN", "_partial_": True, "hidden": [16, 8], "embedding_dim": 4}
 
 
@@ -31,16 +38,28 @@ def module_for(spec: dict, model: dict | None = None, seed: int = 1) -> RankingM
     torch.manual_seed(seed)
     config = model or MODEL
     network = build_network(config, list(spec["categorical"].values()), len(spec["dense"]), "t")
-    n = len(spec["dense"])
+    features = FeatureSpec(**spec)
     return RankingModule(
         network,
         WeightScheme(),
-        behaviours=["click"],
-        continuous=[],
-        dense_mean=[0.0] * n,
-        dense_std=[1.0] * n,
+        features,
+        stats_of(features),
         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
     )
+
+
+def stats_of(spec: FeatureSpec) -> TrainStats:
+    """Training statistics of two rows: every dense feature has mean 0 and std 1, one click."""
+    n = len(spec.dense)
+    batch = Batch(
+        categorical=torch.zeros(2, len(spec.categorical), dtype=torch.long),
+        dense=torch.tensor([[-1.0] * n, [1.0] * n]),
+        behaviours=torch.tensor([[0.0], [1.0]]),
+        group=torch.zeros(2, dtype=torch.long),
+    )
+    stats = TrainStats.of(batch, spec.behaviour_names)
+    assert stats.dense_mean == [0.0] * n and stats.dense_std == [1.0] * n
+    return stats
 
 
 def artifact(tmp_path: Path) -> dict:
@@ -94,8 +113,9 @@ def test_model_differences_are_named_and_free_settings_allowed(tmp_path):
     ]
 
 
-def test_fitting_checkpoint_loads_weights_and_standardisation(tmp_path):
-    url = str(write_checkpoint(tmp_path / "src.ckpt", seed=3))
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy-layout"])
+def test_fitting_checkpoint_loads_weights_and_standardisation(tmp_path, legacy):
+    url = str(write_checkpoint(tmp_path / "src.ckpt", seed=3, legacy=legacy))
     module = module_for(SPEC)
     summary = init_from(module, url, FeatureSpec(**SPEC), MODEL)
     assert (
@@ -104,8 +124,11 @@ def test_fitting_checkpoint_loads_weights_and_standardisation(tmp_path):
     state = read(url)["state_dict"]
     for key, value in module.model.state_dict().items():
         assert torch.equal(value, state[f"model.{key}"]), key
-    assert torch.equal(module.dense_mean, state["dense_mean"])
-    assert torch.equal(module.dense_std, state["dense_std"])
+    # Checkpoints from before train.preprocess keep the statistics under their old keys.
+    mean, std = ("dense_mean", "dense_std") if legacy else ("preprocess.mean", "preprocess.std")
+    assert not torch.equal(module.preprocess.mean, torch.zeros(len(SPEC["dense"])))
+    assert torch.equal(module.preprocess.mean, state[mean])
+    assert torch.equal(module.preprocess.std, state[std])
 
 
 def test_reweighting_shifts_the_output_bias_by_the_log_odds_ratio(tmp_path):
@@ -152,12 +175,17 @@ def test_misfit_checkpoint_is_refused_before_any_weight_changes(tmp_path):
 def test_unusable_sources_are_named(tmp_path):
     module, spec = module_for(SPEC), FeatureSpec(**SPEC)
     url = str(write_checkpoint(tmp_path / "src.ckpt"))
-    with pytest.raises(WarmStartError, match=r"ckpt_path=last\.ckpt are both set"):
-        init_from(module, url, spec, MODEL, resume="last.ckpt")
+    # Resuming and warm-starting at once is a contradiction of the job's config.
+    both = {"init_from": url, "ckpt_path": "last.ckpt", "paths": {"output_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError, match=r"ckpt_path=last\.ckpt are both set"):
+        config_checks.check(both)
+    config_checks.check({**both, "ckpt_path": None})
     with pytest.raises(WarmStartError, match=r"^init_from=.*nothing.ckpt: no such file"):
         init_from(module, str(tmp_path / "nothing.ckpt"), spec, MODEL)
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
-    with pytest.raises(WarmStartError, match="not a checkpoint written by `python -m train`"):
+    with pytest.raises(
+        WarmStartError, match=r"^init_from=.*plain.ckpt: not an upweight checkpoint: no 'upweight'"
+    ):
         init_from(module, str(tmp_path / "plain.ckpt"), spec, MODEL)
 
 
@@ -166,29 +194,23 @@ def test_unusable_sources_are_named(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def run_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UPWEIGHT_RUNS": str(folder / "outputs")}
-    return subprocess.run(
-        [sys.executable, "-m", "train", *TINY_RUN, *overrides],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def train(output_dir: Path, *overrides: str) -> None:
+    """A tiny run in this process, with the source run's settings (TINY_TRAINED)."""
+    train_in_process(*TINY_TRAINED, *overrides, output_dir=output_dir)
 
 
 @pytest.mark.e2e
-def test_first_validation_after_loading_equals_the_source_models(tmp_path_factory, tmp_path):
+def test_first_validation_after_loading_equals_the_source_models(
+    tmp_path_factory, tmp_path, capsys
+):
     source = trained_run(tmp_path_factory)
-    done = run_train(
-        tmp_path,
+    capsys.readouterr()
+    train(
+        tmp_path / "warm",
         f"init_from={source}/checkpoints/best.ckpt",
-        "trainer.max_epochs=0",  # nothing trained: validate the loaded weights
-        f"paths.output_dir={tmp_path}/warm",
+        "trainer.limit_train_batches=0",  # nothing trained: validate the loaded weights
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert f"warm start from {source}/checkpoints/best.ckpt" in done.stdout
+    assert f"warm start from {source}/checkpoints/best.ckpt" in capsys.readouterr().out
     theirs = json.loads((source / "metrics.json").read_text())
     ours = json.loads((tmp_path / "warm" / "metrics.json").read_text())
     val = sorted(k for k in theirs if k.startswith("val/"))
@@ -199,24 +221,23 @@ def test_first_validation_after_loading_equals_the_source_models(tmp_path_factor
 @pytest.mark.e2e
 def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path):
     source = trained_run(tmp_path_factory)
-    done = run_train(
-        tmp_path,
+    done = run_job(
+        *TINY_TRAINED,
         f"init_from={source}/checkpoints/best.ckpt",
-        "data.categorical.user_id=1000",
+        "data.categorical.user_id=500",
         f"paths.output_dir={tmp_path}/warm",
+        cwd=tmp_path,
     )
-    assert done.returncode != 0
-    assert "data.categorical.user_id: checkpoint has 50000 buckets, this run 1000" in done.stderr
+    assert done.returncode == 1
+    assert "data.categorical.user_id: checkpoint has 1000 buckets, this run 500" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "warm").exists()
 
 
 @pytest.mark.e2e
 def test_every_run_keeps_its_first_epoch_model_to_warm_start_from(tmp_path):
     run = tmp_path / "run"
-    done = run_train(
-        tmp_path, "trainer.max_epochs=3", "callbacks.early_stopping=null", f"paths.output_dir={run}"
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    train(run, "trainer.max_epochs=3", "callbacks.early_stopping=null")
     first = read(str(run / "checkpoints" / "first_epoch.ckpt"))
     last = read(str(run / "checkpoints" / "last.ckpt"))
     assert first["epoch"] == 0 and 3 * first["global_step"] == last["global_step"] > 0
@@ -226,13 +247,7 @@ def test_every_run_keeps_its_first_epoch_model_to_warm_start_from(tmp_path):
 
     # The warm start's first validation is the one logged after the source's first epoch.
     warm = tmp_path / "warm"
-    done = run_train(
-        tmp_path,
-        f"init_from={run}/checkpoints/first_epoch.ckpt",
-        "trainer.max_epochs=0",
-        f"paths.output_dir={warm}",
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    train(warm, f"init_from={run}/checkpoints/first_epoch.ckpt", "trainer.limit_train_batches=0")
     with open(run / "logs" / "metrics.csv") as file:
         logged = next(r for r in csv.DictReader(file) if r.get("val/click/auc"))
     assert int(logged["step"]) == first["global_step"] - 1
@@ -244,17 +259,10 @@ def test_every_run_keeps_its_first_epoch_model_to_warm_start_from(tmp_path):
 @pytest.mark.e2e
 def test_a_resumed_run_keeps_the_first_epoch_model(tmp_path):
     run = tmp_path / "run"
-    done = run_train(tmp_path, f"paths.output_dir={run}")  # one epoch
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    train(run)  # one epoch
     steps = read(str(run / "checkpoints" / "last.ckpt"))["global_step"]
     # best.ckpt is written at the same validation as first_epoch.ckpt, before it: a checkpoint
     # callback going by its own restored state would save again after the second epoch.
-    done = run_train(
-        tmp_path,
-        "trainer.max_epochs=2",
-        f"ckpt_path={run}/checkpoints/best.ckpt",
-        f"paths.output_dir={run}",
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    train(run, "trainer.max_epochs=2", f"ckpt_path={run}/checkpoints/best.ckpt")
     assert read(str(run / "checkpoints" / "last.ckpt"))["global_step"] == 2 * steps
     assert read(str(run / "checkpoints" / "first_epoch.ckpt"))["global_step"] == steps

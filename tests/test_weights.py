@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from train.model import DNN
-from train.module import weighted_bce
+from train.objective import weighted_bce
 from train.weights import SchemeError, Term, WeightScheme, build_scheme
 
 NAMES = ["click", "finish", "watch_time"]

@@ -1,9 +1,11 @@
-"""`python -m train`: compose the config, check data and scheme, fit, evaluate, report."""
+"""`python -m train`: compose the config, check it and the data, fit, evaluate, report."""
 
 from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import hydra
 import lightning as L
@@ -12,15 +14,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import fusion, outputs, resolvers, resume, warmstart
-from train.data import DataError
+from train import checkpoint_io, config_checks, outputs, resolvers, storage, warmstart
+from train.errors import UpweightError
+from train.layout import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, STATS_FILE, join
 from train.module import RankingModule
-from train.weights import SchemeError
+from train.objective import Evaluation
 
 resolvers.register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
@@ -32,57 +35,40 @@ def main(cfg: DictConfig) -> float:
 
 def train(cfg: DictConfig) -> float:
     run_dir = cfg.paths.output_dir
-    L.seed_everything(cfg.seed, workers=True)
-    try:
+    with bad_input(run_dir):  # every value and every split checked before anything is written
+        config_checks.check(container(cfg))
+        L.seed_everything(cfg.seed, workers=True)
         scheme = instantiate(cfg.weights)
         data = instantiate(cfg.data)
-        stats = data.prepare(scheme)  # reads and checks every split: fail before writing
-    except (SchemeError, DataError, InstantiationException) as err:
-        cause = err.__cause__ if isinstance(err, InstantiationException) else err
-        if not isinstance(cause, SchemeError | DataError):  # Hydra wraps errors of the seams
-            raise
-        outputs.remove_if_empty(run_dir)
-        sys.exit(f"error: {cause}")
-
-    model = instantiate(cfg.model)(data.spec.cardinalities, len(data.spec.dense))
-    module = RankingModule(
-        model,
-        scheme,
-        behaviours=data.spec.behaviour_names,
-        continuous=stats.continuous,
-        dense_mean=stats.dense_mean,
-        dense_std=stats.dense_std,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        weight_scale=1.0 / data.weight_mean if scheme.normalize == "mean" else 1.0,
-        oracle=data.spec.oracle_names,
-        dense_fill=data.dense_fill,  # NaN in dense columns: training mean or 0
-        xauc_pairs=cfg.xauc_pairs,
-        seed=cfg.seed,
-        artifact=outputs.artifact(container(cfg.model), data.spec, stats, scheme)
-        | {"dense_fill": data.dense_fill},
-        positive_mean=fusion.positive_means(stats),  # scales the weighted head of model=multihead
-        predictions=f"{run_dir}/{fusion.PREDICTIONS_FILE}",  # every head's test probabilities
-        nonfinite=cfg.nonfinite,  # stop | skip
-    )
-    if cfg.init_from:  # weights only, checked against this run's model before anything is written
-        try:
-            args = (cfg.init_from, data.spec, container(cfg.model), cfg.ckpt_path)
-            print(warmstart.init_from(module, *args))
-        except warmstart.WarmStartError as err:
-            outputs.remove_if_empty(run_dir)
-            sys.exit(f"error: {err}")
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=resume.plugins()
-    )
-    try:  # ckpt_path, or with resume=auto the newest loadable checkpoint of this run folder
-        ckpt_path = resume.select_checkpoint(cfg.resume, cfg.ckpt_path, resume.folders(trainer))
-    except resume.ResumeError as err:
-        sys.exit(f"error: {err}")
+        stats = data.prepare(scheme)
+        model = instantiate(cfg.model)(data.spec.cardinalities, len(data.spec.dense))
+        module = RankingModule(
+            model,
+            scheme,
+            data.spec,
+            stats,
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+            evaluation=Evaluation(cfg.xauc_pairs, cfg.seed, join(run_dir, PREDICTIONS_FILE)),
+            nonfinite=cfg.nonfinite,
+            model_config=container(cfg.model),
+        )
+        if cfg.init_from:  # weights only, checked against this run's model
+            print(warmstart.init_from(module, cfg.init_from, data.spec, container(cfg.model)))
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=instantiate(cfg.logger),
+            plugins=checkpoint_io.plugins(),
+        )
+        # ckpt_path, or with resume=auto the newest loadable checkpoint of this run folder
+        ckpt_path = checkpoint_io.select_checkpoint(
+            cfg.resume, cfg.ckpt_path, checkpoint_io.folders(trainer)
+        )
     if trainer.is_global_zero:
-        outputs.write_text(f"{run_dir}/config.yaml", outputs.config_yaml(container(cfg)))
-        outputs.write_text(f"{run_dir}/stats.json", stats.to_json())
+        storage.write_text(join(run_dir, CONFIG_FILE), outputs.config_yaml(container(cfg)))
+        storage.write_text(join(run_dir, STATS_FILE), stats.to_json())
 
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     best = (
@@ -96,12 +82,26 @@ def train(cfg: DictConfig) -> float:
     metrics |= module.test_results
 
     if trainer.is_global_zero:
-        outputs.write_json(f"{run_dir}/metrics.json", metrics)
+        storage.write_json(join(run_dir, METRICS_FILE), metrics)
         print(f"\n{scheme.describe()}\n{outputs.format_table(metrics, data.spec.behaviour_names)}")
         print(f"run folder: {run_dir}")
     if torch.distributed.is_initialized():  # under torchrun rank 0 may abort at exit without it
         torch.distributed.destroy_process_group()
     return metrics.get(cfg.monitor.replace("val/", "test/", 1), float("nan"))
+
+
+@contextmanager
+def bad_input(run_dir: str) -> Iterator[None]:
+    """Input a user can fix ends the job with `error: <what, where, expected>`, no traceback,
+    and no run folder left behind (Hydra wraps errors raised inside the seams)."""
+    try:
+        yield
+    except (UpweightError, InstantiationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, UpweightError):
+            raise
+        storage.remove_if_empty(run_dir)
+        sys.exit(f"error: {cause}")
 
 
 def container(cfg: DictConfig) -> dict:

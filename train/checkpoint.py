@@ -19,14 +19,16 @@ from fsspec.core import url_to_fs
 from torch import nn
 
 from train.data.features import FeatureSpec
-from train.data.io import safe_url, scrub
+from train.errors import UpweightError
+from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY
+from train.preprocess import DensePreprocess
+from train.secrets import safe_url, scrub
 
-FORMAT = 1
 TRUSTED_MODULES = ("train.",)
 """Model classes are imported from these packages only; `trusted_models` adds others."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UpweightError):
     """A checkpoint that cannot be used; the message names the file and what was expected."""
 
 
@@ -80,23 +82,23 @@ class Checkpoint:
     """`checkpoint["upweight"]`: model config, feature spec, training stats, weight scheme."""
 
 
-def load(
-    url: str,
-    storage_options: Mapping[str, Any] | None = None,
-    trusted_models: Sequence[str] = (),
-) -> Checkpoint:
-    """Read `url` and rebuild its scorer (on the CPU, in eval mode)."""
+def contents(
+    url: str, storage_options: Mapping[str, Any] | None = None, where: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(checkpoint, its description `checkpoint["upweight"]`, state_dict) of a checkpoint that
+    `python -m train` wrote in a format this version reads. `where` names it in errors."""
+    where = where or f"ckpt={safe_url(url)}"
     checkpoint = read(url, storage_options)
-    where = f"ckpt={safe_url(url)}"
-    artifact = checkpoint.get("upweight")
+    artifact = checkpoint.get(ARTIFACT_KEY)
     if not isinstance(artifact, dict):
         raise CheckpointError(
-            f"{where}: not an upweight checkpoint: no 'upweight' entry (it has "
+            f"{where}: not an upweight checkpoint: no {ARTIFACT_KEY!r} entry (it has "
             f"{sorted(map(str, checkpoint))}); expected a checkpoint written by `python -m train`"
         )
-    if artifact.get("format") != FORMAT:
+    if artifact.get("format") != ARTIFACT_FORMAT:
         raise CheckpointError(
-            f"{where}: upweight format {artifact.get('format')!r}; this version reads {FORMAT}"
+            f"{where}: upweight checkpoint format {artifact.get('format')!r}; this version reads "
+            f"format {ARTIFACT_FORMAT} (written by `python -m train` of a matching version)"
         )
     for key in ("model", "spec", "stats"):
         if not isinstance(artifact.get(key), dict):
@@ -104,17 +106,35 @@ def load(
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: no 'state_dict' entry; expected a Lightning checkpoint")
+    return checkpoint, artifact, state
+
+
+def feature_spec(artifact: Mapping[str, Any], where: str) -> FeatureSpec:
+    """The data contract a checkpoint was trained with. Format 1 files written before the
+    fill rule joined the spec keep it beside it (`upweight.dense_fill`)."""
+    fields = dict(artifact["spec"])
+    fields.setdefault("dense_fill", artifact.get("dense_fill", "mean"))
     try:
-        spec = FeatureSpec(**artifact["spec"])
+        return FeatureSpec(**fields)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: upweight.spec is not a valid feature spec: {err}") from err
+
+
+def load(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    trusted_models: Sequence[str] = (),
+) -> Checkpoint:
+    """Read `url` and rebuild its scorer (on the CPU, in eval mode)."""
+    where = f"ckpt={safe_url(url)}"
+    _, artifact, state = contents(url, storage_options, where)
+    spec = feature_spec(artifact, where)
     network = build_network(
         artifact["model"], spec.cardinalities, len(spec.dense), where, trusted_models
     )
     load_weights(network, state, where)
-    mean, std = _dense_stats(state, artifact, len(spec.dense), where)
-    # RankingModule's dense_fill is not in the artifact yet; "mean" is what training uses.
-    scorer = Scorer(network, len(spec.categorical), mean, std, artifact.get("dense_fill", "mean"))
+    mean, std = dense_stats(state, artifact, len(spec.dense), where)
+    scorer = Scorer(network, len(spec.categorical), DensePreprocess(mean, std, spec.dense_fill))
     return Checkpoint(source=url, spec=spec, scorer=scorer.eval(), artifact=artifact)
 
 
@@ -180,13 +200,22 @@ def load_weights(network: nn.Module, state: Mapping[str, Any], where: str) -> No
     network.load_state_dict(weights)
 
 
-def _dense_stats(
+STATE_KEYS = {
+    "dense_mean": ("preprocess.mean", "dense_mean"),
+    "dense_std": ("preprocess.std", "dense_std"),
+}
+"""Where the dense statistics sit in a state_dict: `train.preprocess` now, the module's own
+buffers in checkpoints written before it."""
+
+
+def dense_stats(
     state: Mapping[str, Any], artifact: Mapping[str, Any], num_dense: int, where: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense mean and std the model was trained with (the state_dict's, else the stats')."""
     stats = artifact["stats"]
     found = []
-    for name in ("dense_mean", "dense_std"):
-        value = state.get(name)
+    for name, keys in STATE_KEYS.items():
+        value = next((state[k] for k in keys if k in state), None)
         value = torch.as_tensor(stats.get(name) if value is None else value, dtype=torch.float32)
         if value.shape != (num_dense,):
             raise CheckpointError(
@@ -202,35 +231,22 @@ def _dense_stats(
 class Scorer(nn.Module):
     """(hashed ids, raw dense) -> probabilities [rows, outputs]; what predict and export run.
 
-    Dense inputs are filled and standardised exactly as `RankingModule.forward` does in
-    training. A network returns one logit per row, or [rows, heads] logits for a multi-head
-    model; then its `heads` attribute names the heads (`p_<head>` columns) and its optional
-    `score(logits)` gives the ranking score (default: the first head's probability).
+    Dense inputs go through the same `DensePreprocess` as in training. A network returns one
+    logit per row, or [rows, heads] logits for a multi-head model; then its `heads` attribute
+    names the heads (`p_<head>` columns) and its optional `score(logits)` gives the ranking
+    score (default: the first head's probability).
     """
 
     def __init__(
-        self,
-        network: nn.Module,
-        num_categorical: int,
-        dense_mean: torch.Tensor,
-        dense_std: torch.Tensor,
-        fill: str = "mean",
+        self, network: nn.Module, num_categorical: int, preprocess: DensePreprocess
     ) -> None:
         super().__init__()
-        if fill not in ("mean", "zero"):
-            raise CheckpointError(f"dense_fill must be 'mean' or 'zero', got {fill!r}")
         self.network = network
-        self.fill = fill
-        self.register_buffer("dense_mean", dense_mean.clone())
-        self.register_buffer("dense_std", dense_std.clone())
+        self.preprocess = preprocess
         self.outputs = self._output_names(num_categorical)
 
     def logits(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        if self.fill == "mean":
-            dense = torch.where(torch.isnan(dense), self.dense_mean, dense)
-        else:
-            dense = torch.nan_to_num(dense, nan=0.0)
-        return self.network(categorical, (dense - self.dense_mean) / self.dense_std)
+        return self.network(categorical, self.preprocess(dense))
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         logits = self.logits(categorical, dense).float()
@@ -248,7 +264,7 @@ class Scorer(nn.Module):
         with torch.no_grad():
             out = self.logits(
                 torch.zeros(2, num_categorical, dtype=torch.long),
-                torch.zeros(2, len(self.dense_mean)),
+                torch.zeros(2, len(self.preprocess.mean)),
             )
         self.network.train(was_training)
         if out.dim() == 1:

@@ -24,8 +24,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from train import serve
-from train.checkpoint import Checkpoint, CheckpointError, load
-from train.data.io import filesystem, safe_url
+from train.checkpoint import Checkpoint, load
+from train.data.io import filesystem
+from train.errors import UpweightError
+from train.secrets import safe_url
 
 HASHING = {
     "function": "pandas.util.hash_array(values) (pandas' stable 64-bit hash; serve.py has it "
@@ -44,7 +46,7 @@ ATOL = 1e-5
 """How far the exported program may drift from the checkpoint's scorer (float32 rounding)."""
 
 
-class ExportError(ValueError):
+class ExportError(UpweightError):
     """The artifact could not be written, or does not reproduce the checkpoint."""
 
 
@@ -93,7 +95,7 @@ def build(checkpoint: Checkpoint, check_rows: int = 257) -> Artifact:
 def feature_spec(checkpoint: Checkpoint) -> dict[str, Any]:
     """Everything a serving system needs besides the program, in plain JSON."""
     spec, scorer, artifact = checkpoint.spec, checkpoint.scorer, checkpoint.artifact
-    mean, std = scorer.dense_mean.tolist(), scorer.dense_std.tolist()
+    mean, std = scorer.preprocess.mean.tolist(), scorer.preprocess.std.tolist()
     return {
         "format": serve.FORMAT,
         "program": {
@@ -114,7 +116,7 @@ def feature_spec(checkpoint: Checkpoint) -> dict[str, Any]:
         "dense": [
             {"name": c, "mean": m, "std": s} for c, m, s in zip(spec.dense, mean, std, strict=True)
         ],
-        "dense_fill": scorer.fill,
+        "dense_fill": scorer.preprocess.fill,
         "dense_rule": "inside the program: missing values (NaN) become the training mean "
         "(dense_fill=mean) or 0 (zero), then (x - mean) / std",
         "scheme": artifact.get("scheme", {}),
@@ -209,7 +211,7 @@ def _verify(
     return worst
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     options = OmegaConf.to_container(cfg.storage_options, resolve=True)
     assert isinstance(options, dict)
@@ -217,7 +219,7 @@ def main(cfg: DictConfig) -> None:
         artifact = export(
             cfg.ckpt, cfg.out, options, list(cfg.trusted_models), overwrite=cfg.overwrite
         )
-    except (CheckpointError, ExportError, serve.ArtifactError) as err:
+    except (UpweightError, serve.ArtifactError) as err:
         sys.exit(f"error: {err}")
     sizes = ", ".join(f"{n} {len(b) / 1e6:.1f} MB" for n, b in artifact.files.items())
     print(

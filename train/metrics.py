@@ -8,6 +8,10 @@ Functional API (1-D inputs of equal length, 0-dim float64 results, NaN when unde
 :func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`xauc`, :func:`calibration`,
 :func:`logloss`.  Metric classes for accumulation and DDP sync: :class:`GroupAUC`,
 :class:`XAUC`, :class:`BehaviourMetrics`.
+
+Longer than 450 lines because the Metric classes must give exactly the functional results once
+gathered over ranks (the report recomputes them from saved predictions and compares): the two
+halves are read and changed together.
 """
 
 from __future__ import annotations
@@ -241,7 +245,7 @@ def logloss(probs: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _CatMetric(Metric):
+class CatMetric(Metric):
     """Metric whose states are "cat" lists of fixed dtype and trailing shape.
 
     torchmetrics pads a rank that saw no data with ``torch.tensor([], dtype=self.dtype)``: 1-D
@@ -277,7 +281,7 @@ class _CatMetric(Metric):
         super()._sync_dist(*args, **kwargs)
 
 
-class GroupAUC(_CatMetric):
+class GroupAUC(CatMetric):
     """Accumulating, DDP-synced :func:`gauc`; keeps every prediction in memory (exact AUC)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -296,7 +300,7 @@ class GroupAUC(_CatMetric):
         return gauc(self._cat("preds"), self._cat("target"), self._cat("groups"))
 
 
-class XAUC(_CatMetric):
+class XAUC(CatMetric):
     """Accumulating, DDP-synced :func:`xauc` (exact or ``n_pairs`` seeded sampled pairs)."""
 
     def __init__(self, n_pairs: int = 1_000_000, seed: int = 0, **kwargs: Any) -> None:
@@ -315,7 +319,7 @@ class XAUC(_CatMetric):
         return xauc(self._cat("preds"), self._cat("values"), self.n_pairs, self.seed)
 
 
-class BehaviourMetrics(_CatMetric):
+class BehaviourMetrics(CatMetric):
     """All per-behaviour metrics of one validation / test split from one stored copy of the data.
 
     The model emits one score per row (``probs``, the probability of ``label``); every behaviour

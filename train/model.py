@@ -1,15 +1,21 @@
 """Ranking networks: plain `nn.Module`s that map (hashed ids, standardised dense features) to one
-logit per impression (`MultiHead`: one per behaviour). No Lightning, no config types: any module with this call signature plugs in
-through `conf/model/` (the trainer passes `cardinalities` and `num_dense`)."""
+logit per impression (`MultiHead`: one per behaviour). No Lightning, no config types: any module
+with this call signature plugs in through `conf/model/` (the trainer passes `cardinalities` and
+`num_dense`)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from train.config_checks import boolean, integer, ints, number, one_of, require
+from train.errors import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -31,7 +37,10 @@ class HashedEmbeddings(nn.Module):
     def __init__(self, cardinalities: Sequence[int], dim: int, sparse: bool = True) -> None:
         super().__init__()
         if not cardinalities:
-            raise ValueError("HashedEmbeddings needs at least one categorical feature")
+            raise ConfigError(
+                "data.categorical={}: expected at least one categorical feature column "
+                "(column -> hash buckets): the network embeds hashed ids"
+            )
         offsets = torch.tensor([0, *list(cardinalities)[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.cardinalities = list(cardinalities)
@@ -58,10 +67,7 @@ class DNN(nn.Module):
         sparse_embeddings: bool = True,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation {activation!r} is not one of {list(ACTIVATIONS)}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        check_options(embedding_dim, hidden, dropout, activation, sparse_embeddings)
         self.embeddings = HashedEmbeddings(cardinalities, embedding_dim, sparse_embeddings)
         width = len(cardinalities) * embedding_dim + num_dense
         layers: list[nn.Module] = []
@@ -70,6 +76,11 @@ class DNN(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """The `model` config's values, checked without building the network."""
+        check_config({**config, "_target_": "train.model.DNN"})
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1)
@@ -100,13 +111,13 @@ class MultiHead(nn.Module):
         sparse_embeddings: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(heads, str) or not isinstance(heads, Sequence):
+            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
         self.heads = [str(h) for h in heads]
         if not self.heads or len(set(self.heads)) != len(self.heads):
-            raise ValueError(f"model.heads must name distinct behaviours, got {self.heads}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation {activation!r} is not one of {list(ACTIVATIONS)}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"model.heads must name distinct behaviours, got {self.heads}")
+        check_options(embedding_dim, hidden, dropout, activation, sparse_embeddings)
+        require("model.head_hidden", head_hidden, ints(1))
         self.fusion = check_fusion(fusion, self.heads)
         # Not persistent: the fusion is a choice at scoring time, not a learned weight, so a
         # checkpoint can be scored or warm-started under another fusion.
@@ -129,6 +140,11 @@ class MultiHead(nn.Module):
             towers.append(nn.Sequential(*layers, nn.Linear(out, 1)))
         self.towers = nn.ModuleList(towers)
 
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """The `model` config's values, checked without building the network."""
+        check_config({**config, "_target_": "train.model.MultiHead"})
+
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         x = self.trunk(torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1))
         return torch.cat([tower(x) for tower in self.towers], dim=1)
@@ -139,21 +155,69 @@ class MultiHead(nn.Module):
         return torch.exp((F.logsigmoid(logits.float()) * self.alpha).sum(1))
 
 
+def check_options(
+    embedding_dim: int,
+    hidden: Sequence[int],
+    dropout: float,
+    activation: str,
+    sparse_embeddings: bool,
+) -> None:
+    """The options both networks share, each in its domain (`model.<key>=<value>: expected`)."""
+    require("model.embedding_dim", embedding_dim, integer(1))
+    require("model.hidden", hidden, ints(1))
+    require("model.dropout", dropout, number(0.0, 1.0, high_open=True))
+    require("model.activation", activation, one_of(*ACTIVATIONS))
+    require("model.sparse_embeddings", sparse_embeddings, boolean())
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """A `model` config of `DNN` or `MultiHead`, checked without building the network (so a
+    bad value stops the job before the data is read). Keys left out take their defaults."""
+    target = str(config.get("_target_", ""))
+    kind = MultiHead if target.endswith("MultiHead") else DNN
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(kind.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    options = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    check_options(
+        options["embedding_dim"],
+        options["hidden"],
+        options["dropout"],
+        options["activation"],
+        options["sparse_embeddings"],
+    )
+    if kind is MultiHead:
+        require("model.head_hidden", options["head_hidden"], ints(1))
+        heads = config.get("heads")
+        if isinstance(heads, str) or not isinstance(heads, Sequence):
+            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
+        names = [str(h) for h in heads]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"model.heads must name distinct behaviours, got {names}")
+        check_fusion(options["fusion"], names)
+
+
 def check_fusion(fusion: Mapping[str, float] | None, heads: Sequence[str]) -> dict[str, float]:
     """`model.fusion` -> {head: α} with every α finite and one non-zero (None: first head)."""
     if fusion is None:
         return {heads[0]: 1.0}
+    if not isinstance(fusion, Mapping):
+        raise ConfigError(
+            f"model.fusion={fusion!r}: expected a mapping head -> weight, e.g. {{click: 1}}"
+        )
     out: dict[str, float] = {}
     for head, alpha in dict(fusion).items():
         if head not in heads:
-            raise ValueError(f"model.fusion names {head!r}, which is not a head {list(heads)}")
+            raise ConfigError(f"model.fusion names {head!r}, which is not a head {list(heads)}")
         if (
             isinstance(alpha, bool)
             or not isinstance(alpha, int | float)
             or not math.isfinite(alpha)
         ):
-            raise ValueError(f"model.fusion.{head} must be a finite number, got {alpha!r}")
+            raise ConfigError(f"model.fusion.{head} must be a finite number, got {alpha!r}")
         out[str(head)] = float(alpha)
     if not any(out.values()):
-        raise ValueError(f"model.fusion {out} weighs every head 0: give one head a weight")
+        raise ConfigError(f"model.fusion {out} weighs every head 0: give one head a weight")
     return out

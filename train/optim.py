@@ -11,11 +11,14 @@ arithmetic and the same state (`step`, `exp_avg`, `exp_avg_sq`), so checkpoints 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from train.errors import ConfigError
 
 
 class SparseDenseAdam(torch.optim.Optimizer):
@@ -133,3 +136,57 @@ def warmup_cosine(
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adam(
+    lr: float = 1e-3,
+    weight_decay: float = 1e-5,
+    embedding_lr: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Callable[[nn.Module], SparseDenseAdam]:
+    """`optimizer=adam`: the values checked now (before anything is written), the optimizer
+    built when the module asks for it."""
+    _check("optimizer.lr", lr, positive=True)
+    _check("optimizer.weight_decay", weight_decay)
+    if embedding_lr is not None:
+        _check("optimizer.embedding_lr", embedding_lr)
+    if (
+        isinstance(betas, str)
+        or not isinstance(betas, Sequence)
+        or len(betas) != 2
+        or not all(_finite(b) and 0 <= b < 1 for b in betas)
+    ):
+        shown = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else betas
+        raise ConfigError(f"optimizer.betas={shown!r}: expected two numbers in [0, 1)")
+    _check("optimizer.eps", eps, positive=True)
+    betas = (float(betas[0]), float(betas[1]))
+    return functools.partial(
+        SparseDenseAdam,
+        lr=lr,
+        weight_decay=weight_decay,
+        embedding_lr=embedding_lr,
+        betas=betas,
+        eps=eps,
+    )
+
+
+def cosine(
+    warmup_steps: int = 100, floor: float = 0.1
+) -> Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LambdaLR]:
+    """`scheduler=cosine`, checked now, built once the run's step count is known."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"scheduler.warmup_steps={warmup_steps!r}: expected an integer >= 0")
+    if not (_finite(floor) and 0 <= floor <= 1):
+        raise ConfigError(f"scheduler.floor={floor!r}: expected a number in [0, 1]")
+    return functools.partial(warmup_cosine, warmup_steps=warmup_steps, floor=floor)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(key: str, value: object, positive: bool = False) -> None:
+    if not _finite(value) or value < 0 or (positive and value == 0):  # type: ignore[operator]
+        expected = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ConfigError(f"{key}={value!r}: expected {expected}")

@@ -11,7 +11,6 @@ files) is cut into N contiguous pieces by size, one per process, and each writes
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
@@ -26,19 +25,16 @@ from multiprocessing import get_context
 from typing import Any, TypeVar
 
 import hydra
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.checkpoint import CheckpointError, load
-from train.data.features import ID_TYPES, DataError, FeatureSpec, hash_ids, is_numeric
-from train.data.io import TableFormat, expand, filesystem, inspect, read_chunks, safe_url
-
-
-class PredictError(ValueError):
-    """A prediction job that cannot run as configured (output location, procs, keep)."""
+from train.checkpoint import load
+from train.data.features import DataError, FeatureSpec, model_inputs
+from train.data.io import TableFormat, expand, inspect, read_chunks
+from train.errors import UpweightError
+from train.parts import PartWriter, PredictError, discard, prepare_output, publish
+from train.secrets import safe_url
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ def predict(
             "(the output columns)"
         )
     single = out.rstrip("/").lower().endswith(".parquet")
-    created = _prepare_output(out, single, overwrite, storage_options)
+    created = prepare_output(out, single, overwrite, storage_options)
     jobs: list[Job] = []
     try:
         files = expand(data, data_options)
@@ -156,16 +152,16 @@ def predict(
             shown = [safe_url(u) for u in ([data] if isinstance(data, str) else data)]
             raise DataError(f"data.test={shown}: no rows to score in {len(files)} file(s)")
     except BrokenProcessPool as err:
-        _discard(out, [j.out for j in jobs], created, storage_options)
+        discard(out, [j.out for j in jobs], created, storage_options)
         raise PredictError(
             f"a scoring process died ({err}); killed for memory? lower batch_size"
         ) from err
     except BaseException:
         # A half-scored data set must not pass for a result: drop this run's parts.
-        _discard(out, [j.out for j in jobs], created, storage_options)
+        discard(out, [j.out for j in jobs], created, storage_options)
         raise
     written = [job.out for job, n in zip(jobs, rows, strict=True) if n]
-    _publish(out, written, single, storage_options)
+    publish(out, written, single, storage_options)
     return Summary(sum(rows), len(files), written, time.perf_counter() - start)
 
 
@@ -182,13 +178,13 @@ def score_job(
     outputs: list[str] = list(scorer.outputs)
     columns = list(dict.fromkeys([*spec.categorical, *spec.dense, *job.keep]))
     inputs = (
-        (piece.url, table, *featurize_inputs(table, spec, piece.url))
+        (piece.url, table, *model_inputs(table, spec, safe_url(piece.url)))
         for piece in job.pieces
         for table in read_batches(
             piece, columns, job.table_format, job.data_storage_options, job.batch_size
         )
     )
-    writer = _PartWriter(job.out, job.storage_options)
+    writer = PartWriter(job.out, job.storage_options)
     # Reading + hashing (one thread ahead) and writing (one thread behind) overlap the forward.
     with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as background:
         written: Future | None = None
@@ -257,31 +253,6 @@ def ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         thread.join()
 
 
-def featurize_inputs(
-    table: pa.Table, spec: FeatureSpec, source: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model inputs of `table`: hashed ids [rows, C] and raw dense [rows, D] (NaN kept), as
-    `train.data.features.featurize` makes them, without behaviours, group or oracle columns."""
-    categorical = np.empty((table.num_rows, len(spec.categorical)), dtype=np.int64)
-    for j, (column, buckets) in enumerate(spec.categorical.items()):
-        try:
-            categorical[:, j] = hash_ids(table.column(column), buckets)
-        except (TypeError, pa.ArrowInvalid) as err:
-            raise DataError(
-                f"{source}: categorical column {column!r} has {table.column(column).type} "
-                f"({err}); expected {ID_TYPES} ids"
-            ) from err
-    dense = np.empty((table.num_rows, len(spec.dense)), dtype=np.float32)
-    for j, column in enumerate(spec.dense):
-        data = table.column(column)
-        if not is_numeric(data.type):
-            raise DataError(
-                f"{source}: dense column {column!r} has type {data.type}; expected numbers"
-            )
-        dense[:, j] = data.cast(pa.float32()).to_numpy(zero_copy_only=False)
-    return torch.from_numpy(categorical), torch.from_numpy(dense)
-
-
 def read_batches(
     piece: Piece,
     columns: Sequence[str],
@@ -341,116 +312,6 @@ def _split(pieces: Sequence[Piece], parts: int) -> list[list[Piece]]:
     return groups
 
 
-TMP = ".tmp"
-"""Suffix of a part being written; predict renames every part once all are complete."""
-
-
-class _PartWriter:
-    """One Parquet part, streamed to `<part>.tmp`; `predict` publishes the parts only when every
-    process has finished, so a failed run never replaces or mixes into earlier outputs."""
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
-        self.fs, path = filesystem(url, dict(storage_options))
-        self.target = path + TMP
-        self.handle: Any = None
-        self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
-
-    def write(self, table: pa.Table, source: str) -> None:
-        if self.writer is None:
-            self.handle = self.fs.open(self.target, "wb")
-            self.writer = pq.ParquetWriter(self.handle, table.schema)
-        elif table.schema != self.writer.schema:
-            try:
-                table = table.cast(self.writer.schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
-                raise DataError(
-                    f"{source}: kept columns have types {table.schema}, earlier files had "
-                    f"{self.writer.schema}; one output part needs one type per column"
-                ) from err
-        self.writer.write_table(table)
-        self.rows += table.num_rows
-
-    def close(self) -> int:
-        if self.writer is not None:
-            self.writer.close()
-            self.handle.close()
-        return self.rows
-
-    def abort(self) -> None:
-        # The error being raised matters more than the cleanup's.
-        with contextlib.suppress(Exception):
-            self.close()
-
-
-def _prepare_output(
-    out: str, single: bool, overwrite: bool, storage_options: Mapping[str, Any]
-) -> bool:
-    """Refuse to replace earlier outputs unless asked, and fail on an unwritable location
-    before any data is read. True when the output folder was created here."""
-    fs, path = filesystem(out, dict(storage_options))
-    try:
-        if single:
-            if fs.exists(path) and not overwrite:
-                raise PredictError(f"out={safe_url(out)} exists; pass overwrite=true to replace it")
-            parent = path.rstrip("/").rsplit("/", 1)[0]
-            if parent:
-                fs.makedirs(parent, exist_ok=True)
-            return False
-        else:
-            if fs.isfile(path):
-                raise PredictError(
-                    f"out={safe_url(out)} is a file; give a folder or a .parquet file name"
-                )
-            if fs.isdir(path) and fs.ls(path) and not overwrite:
-                raise PredictError(
-                    f"out={safe_url(out)} is a folder that is not empty; pass overwrite=true to "
-                    "replace its part-*.parquet files, or give a new folder"
-                )
-            created = not fs.isdir(path)
-            fs.makedirs(path, exist_ok=True)
-            return created
-    except PredictError:
-        raise
-    except OSError as err:
-        raise PredictError(
-            f"out={safe_url(out)}: cannot write there ({type(err).__name__}: {err})"
-        ) from err
-
-
-def _publish(
-    out: str, written: Sequence[str], single: bool, storage_options: Mapping[str, Any]
-) -> None:
-    """Rename the finished parts into place, then drop parts of an earlier, larger run."""
-    fs, path = filesystem(out, dict(storage_options))
-    final = [filesystem(w, dict(storage_options))[1] for w in written]
-    for target in final:
-        fs.mv(target + TMP, target)
-    if single:
-        return
-    for entry in fs.ls(path, detail=False):
-        entry = entry.rstrip("/")
-        name = entry.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet") and entry not in final:
-            fs.rm(entry)
-
-
-def _discard(
-    out: str, targets: Sequence[str], created: bool, storage_options: Mapping[str, Any]
-) -> None:
-    """Remove what a failed run wrote (its .tmp parts, the folder it made); nothing else."""
-    fs, path = filesystem(out, dict(storage_options))
-    try:
-        for target in targets:
-            partial = filesystem(target, dict(storage_options))[1] + TMP
-            if fs.exists(partial):
-                fs.rm(partial)
-        if created and fs.isdir(path) and not fs.ls(path):
-            fs.rmdir(path)
-    except OSError:
-        pass  # the error being raised matters more than the cleanup's
-
-
 def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -468,7 +329,7 @@ def _device_for(device: str, process: int) -> str:
     return device
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     options = OmegaConf.to_container(cfg.storage_options, resolve=True)
@@ -490,7 +351,7 @@ def main(cfg: DictConfig) -> None:
             trusted_models=list(cfg.trusted_models),
             overwrite=cfg.overwrite,
         )
-    except (CheckpointError, DataError, PredictError) as err:
+    except UpweightError as err:
         sys.exit(f"error: {err}")
     print(f"{summary} -> {safe_url(cfg.out)}")
 

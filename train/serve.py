@@ -16,7 +16,8 @@ or as a filter, one JSON object per line in and out:
 Raw ids are hashed exactly as in training (pandas' `hash_array`, re-implemented here): ints
 (and integral floats, booleans) by their 64-bit value, strings by their UTF-8 bytes. Pass ids
 with the type training read them with: the int 7 and the string "7" land in different buckets.
-A missing key, None or NaN is a null: bucket 0 for ids, the training mean for dense features.
+A missing key, None or NaN is a null: bucket 0 for ids; for dense features the `dense_fill` of
+feature_spec.json (the training mean, or 0).
 Columns that are not in the spec are ignored.
 """
 

@@ -43,47 +43,19 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from train.checkpoint import FORMAT, CheckpointError, read
+from train.checkpoint import CheckpointError, contents, dense_stats
 from train.data.features import FeatureSpec
+from train.errors import UpweightError
 
 FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion"})
 """Model settings a warm start may change: dropout, the gradient layout and the fusion of a
 multi-head model's scores."""
 
 
-class FirstEpochCheckpoint(ModelCheckpoint):
-    """Saves `dirpath/first_epoch.ckpt` (weights only) at the first validation of the first
-    epoch, and never again: the model to warm-start other schemes from. One trained for
-    several passes over the same rows has memorised their ids and starts a new scheme worse
-    than a random init (README, "Warm-started re-weighting").
-
-    Gated on the epoch, not only on the callback's own state: a run resumed from a checkpoint
-    written at that same validation (before this callback had saved) must not save again.
-    """
-
-    def __init__(self, dirpath: str, filename: str = "first_epoch") -> None:
-        super().__init__(
-            dirpath=dirpath, filename=filename, save_weights_only=True, enable_version_counter=False
-        )
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._due(trainer):
-            super().on_validation_end(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._due(trainer):  # runs without validation save here
-            super().on_train_epoch_end(trainer, pl_module)
-
-    def _due(self, trainer: L.Trainer) -> bool:
-        return trainer.current_epoch == 0 and not self.best_model_path
-
-
-class WarmStartError(ValueError):
+class WarmStartError(UpweightError):
     """A checkpoint this run cannot start from; the message names every difference."""
 
 
@@ -157,32 +129,15 @@ def init_from(
     url: str,
     spec: FeatureSpec,
     model_config: Mapping[str, Any],
-    resume: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Load the checkpoint at `url` into `module.model` (and its `dense_mean`/`dense_std`
-    buffers) after checking it fits; returns a one-line summary. Raises WarmStartError."""
+    """Load the checkpoint at `url` into `module.model` (and its dense preprocessing) after
+    checking it fits; returns a one-line summary. Raises WarmStartError."""
     where = f"init_from={url}"
-    if resume:
-        raise WarmStartError(
-            f"{where} and ckpt_path={resume} are both set: ckpt_path resumes a run (weights, "
-            "optimizer, loop), init_from starts a new one from weights only; pick one"
-        )
     try:
-        checkpoint = read(url, storage_options)
+        checkpoint, artifact, state = contents(url, storage_options, where)
     except CheckpointError as err:
         raise WarmStartError(str(err).replace("ckpt=", "init_from=", 1)) from err
-    artifact = checkpoint.get("upweight")
-    state = checkpoint.get("state_dict")
-    if not isinstance(artifact, dict) or not isinstance(state, dict):
-        raise WarmStartError(
-            f"{where}: not a checkpoint written by `python -m train` (no 'upweight' or "
-            "'state_dict' entry)"
-        )
-    if artifact.get("format") != FORMAT:
-        raise WarmStartError(
-            f"{where}: upweight format {artifact.get('format')!r}; this version reads {FORMAT}"
-        )
     weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     found = differences(artifact, spec, model_config) or shape_differences(module.model, weights)
     if found:
@@ -199,10 +154,12 @@ def init_from(
         shifted = f"; output bias {shift:+.3f} for the new scheme's weighted odds"
     # The weights were trained on inputs standardised with these statistics: keep them (they
     # equal this run's on the same data, and stay right when the new data drifted).
-    for name in ("dense_mean", "dense_std"):
-        value = state.get(name)
-        if isinstance(value, torch.Tensor) and value.shape == getattr(module, name).shape:
-            getattr(module, name).copy_(value)
+    try:
+        mean, std = dense_stats(state, artifact, len(spec.dense), where)
+    except CheckpointError as err:
+        raise WarmStartError(str(err)) from err
+    module.preprocess.mean.copy_(mean)
+    module.preprocess.std.copy_(std)
     scheme = (artifact.get("scheme") or {}).get("describe", "?")
     return (
         f"warm start from {url} (step {checkpoint.get('global_step', '?')}, trained with "

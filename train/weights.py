@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 import torch
 
+from train.errors import UpweightError
+
 Transform = Literal["indicator", "threshold", "linear", "log1p"]
 TRANSFORMS: tuple[str, ...] = ("indicator", "threshold", "linear", "log1p")
 
 
-class SchemeError(ValueError):
+class SchemeError(UpweightError):
     """A weight scheme that cannot be used with this data; raised before anything is written."""
 
 
@@ -193,11 +195,29 @@ def build_scheme(
                 "top-level scheme keys other than label/terms/combine/negative_weight/normalize/"
                 "name must be numeric coefficients referenced by the terms"
             )
+    if not isinstance(label, str) or not label:
+        raise SchemeError(f"weights.label={label!r}: expected a behaviour name (a string)")
+    if not isinstance(name, str):
+        raise SchemeError(f"weights.name={name!r}: expected a string")
+    if not _finite(negative_weight) or negative_weight < 0:
+        raise SchemeError(
+            f"weights.negative_weight must be a finite number >= 0, got {negative_weight!r}"
+        )
+    if isinstance(terms, str | bytes | Mapping) or not isinstance(terms, Sequence):
+        raise SchemeError(
+            f"weights.terms={terms!r}: expected a list of terms, e.g. "
+            "[{behaviour: like, coef: 4}]"
+        )
     parsed = []
     for i, term in enumerate(terms):
         if isinstance(term, Term):
             parsed.append(term)
             continue
+        if not isinstance(term, Mapping):
+            raise SchemeError(
+                f"weights.terms[{i}]={term!r}: expected a mapping with keys behaviour "
+                "(required), coef, transform, threshold, cap"
+            )
         unknown = set(term) - {"behaviour", "coef", "transform", "threshold", "cap"}
         if unknown or "behaviour" not in term:
             raise SchemeError(

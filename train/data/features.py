@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,14 +13,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from train.config_checks import show
 from train.data.batch import Batch
+from train.errors import ConfigError, UpweightError
+from train.preprocess import DENSE_FILLS
 
 NULL_BUCKET = 0
 """Nulls of a categorical column all land here; hashed ids use buckets 1..n-1."""
 
 
-class DataError(ValueError):
+class DataError(UpweightError):
     """Input data that does not satisfy the contract; the message names file and column."""
+
+
+class DataConfigError(DataError, ConfigError):
+    """A `data.*` config value outside its domain (both a data and a config error)."""
 
 
 @dataclass(frozen=True)
@@ -40,43 +46,55 @@ class FeatureSpec:
     """behaviour name -> column holding its true P(b > 0), for continuous behaviours."""
     behaviour_scale: Mapping[str, float] = field(default_factory=dict)
     """behaviour name -> factor applied to its column (e.g. 0.001: milliseconds -> seconds)."""
+    dense_fill: str = "mean"
+    """How a missing (NaN) dense value is filled before standardising: `mean` (the training
+    mean) or `zero` (see `train.preprocess`)."""
 
     def __post_init__(self) -> None:
+        if self.dense_fill not in DENSE_FILLS:
+            raise DataConfigError(
+                f"data.dense_fill must be one of {DENSE_FILLS}, got {self.dense_fill!r}"
+            )
         if not self.behaviours:
-            raise DataError("data.behaviours is empty: name at least the label behaviour")
+            raise DataConfigError(
+                "data.behaviours={}: expected at least one behaviour (the label), e.g. "
+                "{click: is_click}"
+            )
         for name, column in self.behaviours.items():
             if not isinstance(column, str) or not column:
-                raise DataError(
-                    f"data.behaviours.{name}: expected a column name or "
-                    f"{{column: NAME, scale: FACTOR}}, got {column!r}"
+                raise DataConfigError(
+                    f"data.behaviours.{name}={show(column)}: expected a column name or "
+                    "{column: NAME, scale: FACTOR}"
                 )
         for name, scale in self.behaviour_scale.items():
             if name not in self.behaviours:
-                raise DataError(f"a scale is given for {name!r}, which is not in data.behaviours")
+                raise DataConfigError(
+                    f"a scale is given for {name!r}, which is not in data.behaviours"
+                )
             if (
                 isinstance(scale, bool)
                 or not isinstance(scale, int | float)
                 or not math.isfinite(scale)
                 or scale <= 0
             ):
-                raise DataError(
+                raise DataConfigError(
                     f"data.behaviours.{name}.scale must be a finite number > 0, got {scale!r}"
                 )
         for column, buckets in self.categorical.items():
             if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
-                raise DataError(
-                    f"data.categorical.{column}: expected a number of hash buckets >= 2, "
-                    f"got {buckets!r}"
+                raise DataConfigError(
+                    f"data.categorical.{column}={show(buckets)}: expected an integer >= 2 "
+                    "(hash buckets; bucket 0 holds nulls)"
                 )
         for name in list(self.oracle) + list(self.oracle_positive):
             if name not in self.behaviours:
-                raise DataError(
+                raise DataConfigError(
                     f"data.oracle names behaviour {name!r}, which is not in data.behaviours "
                     f"{sorted(self.behaviours)}"
                 )
         for name in self.oracle_positive:
             if name not in self.oracle:
-                raise DataError(f"data.oracle_positive.{name} needs data.oracle.{name} too")
+                raise DataConfigError(f"data.oracle_positive.{name} needs data.oracle.{name} too")
 
     @property
     def behaviour_names(self) -> list[str]:
@@ -121,29 +139,6 @@ class FeatureSpec:
         return roles
 
 
-def parse_behaviours(
-    behaviours: Mapping[str, Any],
-) -> tuple[dict[str, str], dict[str, float]]:
-    """`data.behaviours` -> (name -> column, name -> scale). A value is a column name or
-    `{column: play_time_ms, scale: 0.001}` for a behaviour logged in other units."""
-    columns: dict[str, str] = {}
-    scales: dict[str, float] = {}
-    for name, value in behaviours.items():
-        if isinstance(value, Mapping):
-            unknown = set(value) - {"column", "scale"}
-            if unknown or "column" not in value:
-                raise DataError(
-                    f"data.behaviours.{name} = {dict(value)!r}: expected keys column (required) "
-                    f"and scale; unknown {sorted(unknown)}"
-                )
-            columns[str(name)] = value["column"]
-            if value.get("scale") is not None:
-                scales[str(name)] = value["scale"]
-        else:
-            columns[str(name)] = value
-    return columns, scales
-
-
 ID_TYPES = "integer, boolean, integral float or string"
 
 
@@ -164,12 +159,26 @@ def id_kind(kind: pa.DataType) -> str | None:
 
 
 def is_numeric(kind: pa.DataType) -> bool:
+    """Types read as float32 numbers: ints (any size: large ones lose precision, as float32
+    does), floats, decimals (SQL exports), booleans, and all-null columns."""
     return (
         pa.types.is_integer(kind)
         or pa.types.is_floating(kind)
+        or pa.types.is_decimal(kind)
         or pa.types.is_boolean(kind)
         or pa.types.is_null(kind)
     )
+
+
+def _expected_numbers(kind: pa.DataType) -> str:
+    if pa.types.is_temporal(kind):
+        return (
+            "expected numbers; a date or time is not a feature value as is (convert it, e.g. "
+            "to an age in days, or leave the column out)"
+        )
+    if pa.types.is_dictionary(kind):
+        return "expected numbers, not categories (list an id column in data.categorical)"
+    return "expected numbers"
 
 
 def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str, str]:
@@ -180,6 +189,12 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str,
         raise DataError(
             f"{source}: missing column(s) {missing}; the data config reads {spec.columns}, "
             f"the file has {schema.names}"
+        )
+    twice = [c for c in spec.columns if schema.names.count(c) > 1]
+    if twice:
+        raise DataError(
+            f"{source}: column(s) {twice} appear more than once in the file's columns "
+            f"{schema.names}; expected each column the data config reads to be named once"
         )
     kinds: dict[str, str] = {}
     for column in spec.id_columns:
@@ -194,7 +209,9 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str,
     for column, role in spec.numeric_columns.items():
         kind = schema.field(column).type
         if not is_numeric(kind):
-            raise DataError(f"{source}: {_where(role, column)} has type {kind}; expected numbers")
+            raise DataError(
+                f"{source}: {_where(role, column)} has type {kind}; {_expected_numbers(kind)}"
+            )
     return kinds
 
 
@@ -234,13 +251,15 @@ def _hash_dictionary(column: pa.DictionaryArray, buckets: int | None) -> np.ndar
     # The dictionary plus the value nulls hash as (0 or ""), hashed once per distinct value.
     fill = pa.array([""] if _is_text(column.type.value_type) else [0], column.type.value_type)
     distinct = pa.concat_arrays([column.dictionary.cast(column.type.value_type), fill])
-    values, _ = _id_values(distinct)
+    values, missing = _id_values(distinct)
     hashed = pd.util.hash_array(values, categorize=False).view(np.int64)
     indices = column.indices
     nulls: np.ndarray | bool = False
     if column.null_count:
         nulls = indices.is_null().to_numpy(zero_copy_only=False)
     codes = indices.fill_null(len(distinct) - 1).cast(pa.int64()).to_numpy()
+    if missing is not False:  # NaN among float ids: missing, like a null
+        nulls = nulls | missing[codes]
     return _to_buckets(hashed[codes], nulls, buckets)
 
 
@@ -257,11 +276,20 @@ def _id_values(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
     if column.null_count:
         nulls = column.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
-        return column.cast(pa.int64()).fill_null(0).to_numpy(), nulls
+        # uint64 ids above 2**63 wrap to their int64 bit pattern (distinct ids stay distinct,
+        # as in serve.py's numpy path); every smaller id keeps its value.
+        return column.cast(pa.int64(), safe=False).fill_null(0).to_numpy(), nulls
     if pa.types.is_floating(kind):
         # Integer ids read from CSV with missing values arrive as floats: hash them as ints so
-        # they match the same ids read as integers elsewhere.
+        # they match the same ids read as integers elsewhere. NaN (pandas' missing) is a null.
+        nan = pc.is_nan(column).fill_null(False)
+        if pc.any(nan).as_py():
+            nan_mask = nan.to_numpy(zero_copy_only=False)
+            nulls = nan_mask if nulls is False else (nulls | nan_mask)
+            column = pc.if_else(nan, pa.scalar(None, kind), column)
         filled = column.fill_null(0)
+        if not pc.all(pc.is_finite(filled)).as_py():
+            raise TypeError("infinite float ids")
         as_int = filled.cast(pa.int64(), safe=False)
         if not pc.all(pc.equal(as_int.cast(kind), filled)).as_py():
             raise TypeError("non-integral float ids")
@@ -294,19 +322,43 @@ def _hash_checked(
 def numeric_block(table: pa.Table, spec: FeatureSpec, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Checked dense [rows, D] and behaviour [rows, K] float32 matrices of `table`: the inputs of
     the training statistics, identical to what `featurize` puts in a Batch."""
-    dense = (
-        np.stack([_float_column(table, c, source, "dense") for c in spec.dense], axis=1)
-        if spec.dense
-        else np.zeros((table.num_rows, 0), dtype=np.float32)
-    )
-    behaviours = np.stack(
+    return dense_matrix(table, spec, source), behaviour_matrix(table, spec, source)
+
+
+def dense_matrix(table: pa.Table, spec: FeatureSpec, source: str) -> np.ndarray:
+    """Raw dense features [rows, D] float32, NaN where missing."""
+    if not spec.dense:
+        return np.zeros((table.num_rows, 0), dtype=np.float32)
+    return np.stack([_dense_column(table, c, source) for c in spec.dense], axis=1)
+
+
+def behaviour_matrix(table: pa.Table, spec: FeatureSpec, source: str) -> np.ndarray:
+    """Checked behaviours [rows, K] float32, scaled to their units."""
+    return np.stack(
         [
             _behaviour_column(table, col, name, source, spec.behaviour_scale.get(name))
             for name, col in spec.behaviours.items()
         ],
         axis=1,
     )
-    return dense, behaviours
+
+
+def model_inputs(
+    table: pa.Table, spec: FeatureSpec, source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model reads of `table`: hashed ids [rows, C] int64 and raw dense [rows, D]
+    float32 (NaN kept: `train.preprocess` fills it). Training and prediction both call this."""
+    missing = [c for c in [*spec.categorical, *spec.dense] if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing}; the model reads "
+            f"{[*spec.categorical, *spec.dense]}, the file has {table.column_names}"
+        )
+    categorical = np.empty((table.num_rows, len(spec.categorical)), dtype=np.int64)
+    for j, (column, buckets) in enumerate(spec.categorical.items()):
+        categorical[:, j] = _hash_checked(table, column, buckets, source, spec)
+    dense = dense_matrix(table, spec, source)
+    return torch.from_numpy(categorical), torch.from_numpy(dense)
 
 
 def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
@@ -317,10 +369,8 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
             f"{source}: missing column(s) {missing}; the data config expects {spec.columns}, "
             f"the file has {table.column_names}"
         )
-    categorical = np.empty((table.num_rows, len(spec.categorical)), dtype=np.int64)
-    for j, (column, buckets) in enumerate(spec.categorical.items()):
-        categorical[:, j] = _hash_checked(table, column, buckets, source, spec)
-    dense, behaviours = numeric_block(table, spec, source)
+    categorical, dense = model_inputs(table, spec, source)
+    behaviours = behaviour_matrix(table, spec, source)
     group = _hash_checked(table, spec.group_key, None, source, spec)
     oracle = oracle_positive = None
     if spec.oracle:
@@ -336,8 +386,8 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
             axis=1,
         )
     return Batch(
-        categorical=torch.from_numpy(categorical),
-        dense=torch.from_numpy(dense),
+        categorical=categorical,
+        dense=dense,
         behaviours=torch.from_numpy(behaviours),
         group=torch.from_numpy(group),
         oracle=None if oracle is None else torch.from_numpy(oracle),
@@ -347,14 +397,27 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
 
 def _float_column(table: pa.Table, column: str, source: str, role: str) -> np.ndarray:
     data = table.column(column)
-    if not (
-        pa.types.is_integer(data.type)
-        or pa.types.is_floating(data.type)
-        or pa.types.is_boolean(data.type)
-        or pa.types.is_null(data.type)
-    ):
-        raise DataError(f"{source}: {_where(role, column)} has type {data.type}; expected numbers")
-    return data.cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if not is_numeric(data.type):
+        raise DataError(
+            f"{source}: {_where(role, column)} has type {data.type}; {_expected_numbers(data.type)}"
+        )
+    # Unsafe: an int beyond 2**24 (milliseconds, byte counts) rounds as float32 does, instead
+    # of Arrow refusing it; a value beyond float32's range becomes inf (refused by the caller).
+    values = data.cast(pa.float32(), safe=False)
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+def _dense_column(table: pa.Table, column: str, source: str) -> np.ndarray:
+    """One dense feature as float32, NaN where missing; infinity is refused."""
+    values = _float_column(table, column, source, "dense")
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise DataError(
+            f"{source}: dense column {column!r} has {int(infinite.sum())} infinite value(s) "
+            f"(e.g. {float(values[infinite][0])}); expected finite numbers (null or NaN marks a "
+            "missing value; beyond float32's ±3.4e38 a value overflows to infinity)"
+        )
+    return values
 
 
 def _where(role: str, column: str) -> str:

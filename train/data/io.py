@@ -22,7 +22,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from train.data.features import DataError
+from train.config_checks import boolean, column_list, one_of, optional, require
+from train.data.features import DataConfigError, DataError
+from train.secrets import safe_url, scrub
+from train.secrets import strip_query as _strip_query
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
@@ -32,15 +35,10 @@ PARQUET_BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES, so a reader holds a few MB whatever the row-group size. Chunk boundaries (and
 so the order in which statistics are summed) depend on them, identically in both modes."""
 READ_ONLY_PROTOCOLS = ("http", "https")
-SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "AZURE_STORAGE_KEY",
-    "AZURE_STORAGE_SAS_TOKEN",
+DELIMITER = (
+    lambda v: isinstance(v, str) and len(v) == 1 and v not in '\r\n"',
+    "one character (e.g. ',', ';' or a tab), not a quote or a line break",
 )
-PUBLIC_OPTIONS = {"endpoint_url", "region_name", "anon", "use_ssl", "client_kwargs", "project"}
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,19 @@ class TableFormat:
     column_names: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "parquet", "csv"):
-            raise DataError(f"data.format must be auto, parquet or csv, got {self.format!r}")
+        error = DataConfigError
+        if self.delimiter == "\\t":  # `data.delimiter='\t'` on a command line: a tab
+            object.__setattr__(self, "delimiter", "\t")
+        require("data.format", self.format, one_of("auto", "parquet", "csv"), error)
+        require("data.delimiter", self.delimiter, optional(DELIMITER), error)
+        require("data.header", self.header, boolean(), error)
+        names = column_list("data.column_names", self.column_names, error)
+        object.__setattr__(self, "column_names", tuple(names))
         if not self.header and not self.column_names:
-            raise DataError("data.header=false needs data.column_names (the columns in order)")
+            raise error(
+                "data.header=false needs data.column_names: expected the file's column names, "
+                "in order"
+            )
 
     def kind(self, path: str) -> str:
         if self.format != "auto":
@@ -93,40 +100,6 @@ class FileInfo:
     """Rows per Parquet row group; None for CSV (counted when read)."""
     size: int
     """Bytes on storage."""
-
-
-def safe_url(url: str) -> str:
-    """`url` without credentials: user:password@ and query strings (presigned signatures)."""
-    url = re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", str(url))
-    return _strip_query(url) + ("?…" if "?" in url and "://" in url else "")
-
-
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0] if "://" in url else url
-
-
-def _secrets(storage_options: Mapping[str, Any] | None) -> list[str]:
-    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-
-    def walk(value: Any, key: str = "") -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str) and key not in PUBLIC_OPTIONS and len(value) >= 4:
-            found.append(value)
-
-    walk(storage_options or {})
-    return sorted(set(found), key=len, reverse=True)
-
-
-def scrub(message: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Remove credential values (from the options or the environment) from an error message."""
-    for secret in _secrets(storage_options):
-        message = message.replace(secret, "***")
-    return message
 
 
 def _fail(url: str, what: str, err: BaseException | None, options: Mapping | None) -> DataError:

@@ -16,14 +16,13 @@ import pyarrow as pa
 import torch
 
 from train.data.batch import Batch
+from train.data.config import check_settings, spec_from_config
 from train.data.features import (
     DataError,
-    FeatureSpec,
     check_ids,
     check_schema,
     featurize,
     numeric_block,
-    parse_behaviours,
 )
 from train.data.io import (
     FileInfo,
@@ -32,16 +31,20 @@ from train.data.io import (
     inspect,
     protocol,
     read_chunks,
-    safe_url,
 )
 from train.data.loader import EvalBatches, TrainBatches
-from train.data.stats import StatsAccumulator, TrainStats
+from train.data.stats import (
+    StatsAccumulator,
+    TrainStats,
+    check_evaluation,
+    check_label,
+    check_training,
+)
 from train.data.stream import StreamBatches, StreamDataset, StreamTrainBatches, Unit
+from train.secrets import safe_url
 from train.weights import WeightScheme
 
 SPLITS = ("train", "val", "test")
-MODES = ("memory", "stream", "auto")
-DENSE_FILLS = ("mean", "zero")
 GIB = 1 << 30
 
 log = logging.getLogger(__name__)
@@ -94,40 +97,26 @@ class ImpressionDataModule(L.LightningDataModule):
         dense_fill: str = "mean",
     ) -> None:
         super().__init__()
-        columns, scales = parse_behaviours(dict(behaviours))
-        self.spec = FeatureSpec(
-            categorical=dict(categorical),
-            dense=list(dense),
-            behaviours=columns,
-            group_key=group_key,
-            oracle=dict(oracle or {}),
-            oracle_positive=dict(oracle_positive or {}),
-            behaviour_scale=scales,
+        self.spec = spec_from_config(
+            categorical, dense, behaviours, group_key, oracle, oracle_positive, dense_fill
         )
         self.urls = {"train": train, "val": val, "test": test}
-        if simulator is None:
-            for split, url in self.urls.items():
-                if not url:
-                    raise DataError(f"data.{split} is not set: give a file, folder, glob or URL")
+        check_settings(
+            urls=self.urls,
+            simulated=simulator is not None,
+            storage_options=storage_options,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            seed=seed,
+            mode=mode,
+            memory_limit_gb=memory_limit_gb,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            worker_start=worker_start,
+        )
         self.simulator = simulator
-        self.table_format = TableFormat(format, delimiter, header, tuple(column_names))
+        self.table_format = TableFormat(format, delimiter, header, column_names)
         self.storage_options = dict(storage_options or {})
-        if batch_size < 1 or eval_batch_size < 1:
-            raise DataError("data.batch_size and data.eval_batch_size must be >= 1")
-        if mode not in MODES:
-            raise DataError(f"data.mode must be one of {MODES}, got {mode!r}")
-        if dense_fill not in DENSE_FILLS:
-            raise DataError(f"data.dense_fill must be one of {DENSE_FILLS}, got {dense_fill!r}")
-        if num_workers < 0 or shuffle_buffer < 1 or not memory_limit_gb > 0:
-            raise DataError(
-                "data.num_workers must be >= 0, data.shuffle_buffer >= 1 and "
-                f"data.memory_limit_gb > 0; got {num_workers}, {shuffle_buffer}, {memory_limit_gb}"
-            )
-        if simulator is not None and mode == "stream":
-            raise DataError(
-                "data.mode=stream reads files; the simulator lives in memory. Write its splits "
-                "with `python -m train.data.synthetic OUT` and stream them with data=files"
-            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
@@ -137,8 +126,6 @@ class ImpressionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.worker_start = worker_start
-        self.dense_fill = dense_fill
-        """How the module fills NaN dense values (`mean`: the training mean, `zero`)."""
         self.tables: dict[str, Batch] = {}
         self.units: dict[str, list[Unit]] = {}
         self.files: dict[str, list[FileInfo]] = {}
@@ -163,7 +150,13 @@ class ImpressionDataModule(L.LightningDataModule):
     ) -> TrainStats:
         """Find and check every split, measure the training split, check the scheme's weights on
         it. Runs on every rank, before the trainer writes anything. Evaluation and prediction
-        pass the saved `stats` (and leave "train" out of `splits`) to skip the training pass."""
+        pass the saved `stats` (and leave "train" out of `splits`) to skip the training pass.
+
+        Values checked on every row of every split (both modes), each error naming the file and
+        column: ids hashable (no non-integral or infinite float ids; NaN is a null), dense
+        values finite (NaN or null is missing, filled; ±inf is refused), behaviours finite and
+        >= 0, the scheme's weights finite and >= 0; then the statistics as a whole
+        (`train.data.stats`: check_training, check_label, check_evaluation)."""
         names = self.spec.behaviour_names
         if scheme is not None:
             scheme.check_behaviours(names)
@@ -177,7 +170,8 @@ class ImpressionDataModule(L.LightningDataModule):
                 stats = self._measure_memory(
                     [self._chunk_stats(self.tables["train"], scheme, self.describe("train"))]
                 )
-            return self._keep(stats, scheme)
+            self._check_evaluation_tables(splits, scheme)
+            return self._keep(stats, scheme, "train" in splits)
 
         threads = min(32, 4 * (os.cpu_count() or 1))
         kinds: dict[str, tuple[str, str]] = {}
@@ -202,13 +196,14 @@ class ImpressionDataModule(L.LightningDataModule):
                 self.tables[split] = Batch.concat(batches)
                 if split == "train":
                     stats = self._measure_memory([p for _, parts in per_file for p in parts])
+            self._check_evaluation_tables(splits, scheme)
         else:
             for split in splits:
                 measure = split == "train"
                 total = StatsAccumulator(names, len(self.spec.dense))
                 self.units[split] = []
                 scans = _ordered_map(
-                    lambda f, m=measure: self._scan_file(f, scheme if m else None, m),
+                    lambda f, m=measure: self._scan_file(f, scheme if m else None),
                     self.files[split],
                     readers,
                 )
@@ -218,12 +213,18 @@ class ImpressionDataModule(L.LightningDataModule):
                         total.merge(part)
                 if measure:
                     stats = self._measure_memory([total])
-        return self._keep(stats, scheme)
+                else:
+                    self._check_evaluation(split, scheme, total.positive, total.rows)
+        return self._keep(stats, scheme, "train" in splits)
 
-    def _keep(self, stats: TrainStats | None, scheme: WeightScheme | None) -> TrainStats:
+    def _keep(
+        self, stats: TrainStats | None, scheme: WeightScheme | None, measured: bool = True
+    ) -> TrainStats:
         assert stats is not None
         self.stats = stats
         self.weight_mean = stats.weight_mean
+        if scheme is not None and measured:
+            check_label(stats, self.spec.behaviours, scheme.label, self.describe("train"))
         if scheme is not None and self.weight_mean <= 0:
             raise DataError(
                 f"{scheme.describe()}: every training weight is 0 on {self.describe('train')}; "
@@ -231,12 +232,25 @@ class ImpressionDataModule(L.LightningDataModule):
             )
         return stats
 
+    def _check_evaluation_tables(self, splits: Sequence[str], scheme: WeightScheme | None) -> None:
+        for split in splits:
+            if split != "train" and split in self.tables:
+                behaviours = self.tables[split].behaviours
+                positive = (behaviours > 0).sum(0).numpy()
+                self._check_evaluation(split, scheme, positive, len(behaviours))
+
+    def _check_evaluation(
+        self, split: str, scheme: WeightScheme | None, positive: np.ndarray, rows: int
+    ) -> None:
+        if scheme is not None:
+            label = self.spec.behaviour_names.index(scheme.label)
+            check_evaluation(int(positive[label]), rows, scheme.label, self.describe(split), split)
+
     def _measure_memory(self, parts: Iterable[StatsAccumulator]) -> TrainStats:
         total = StatsAccumulator(self.spec.behaviour_names, len(self.spec.dense))
         for part in parts:
             total.merge(part)
-        if total.rows == 0:
-            raise DataError(f"{self.describe('train')}: the training split has no rows")
+        check_training(total, self.spec.dense, self.describe("train"))
         return total.result()
 
     def _chunk_stats(
@@ -319,10 +333,11 @@ class ImpressionDataModule(L.LightningDataModule):
         return batches, parts
 
     def _scan_file(
-        self, info: FileInfo, scheme: WeightScheme | None, measure: bool
+        self, info: FileInfo, scheme: WeightScheme | None
     ) -> tuple[list[Unit], list[StatsAccumulator]]:
         """Stream mode: check one file's values and count its rows, reading only the columns
-        checks and statistics need (dense, behaviours, float ids); measure the training split."""
+        checks and statistics need (dense, behaviours, float ids), and measure them (with the
+        scheme's weights for the training split)."""
         source = safe_url(info.url)
         columns = self._numeric_and_float_ids(info)
         rows, parts = 0, []
@@ -330,8 +345,7 @@ class ImpressionDataModule(L.LightningDataModule):
             check_ids(table, self.spec, source)
             block = numeric_block(table, self.spec, source)
             rows += table.num_rows
-            if measure:
-                parts.append(self._chunk_stats(block, scheme, source))
+            parts.append(self._chunk_stats(block, scheme, source))
         if rows == 0:
             raise DataError(f"{source}: the file has no rows")
         if info.row_groups is None:

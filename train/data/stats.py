@@ -5,12 +5,20 @@ mean weight of the scheme (for `normalize: mean`).
 They are accumulated chunk by chunk (one Parquet row group or CSV block at a time, in file
 order), so a split larger than memory is measured in one streamed pass, and memory and stream
 mode, which feed the same chunks in the same order, get bit-identical numbers.
+
+The checks at the end read the statistics for what the job cannot use, naming the split and
+column: no training rows; a dense column with no value in any training row (an error: there is
+nothing to standardise it with, and a silent 0 would hide a broken column); a label with no
+positive or no negative training row (nothing to learn). Warnings only: a constant dense
+column, another behaviour never positive in training, an evaluation split whose label is all
+0 or all > 0 (its AUC is undefined; the run still reports the rest).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +26,9 @@ import numpy as np
 import torch
 
 from train.data.batch import Batch
+from train.data.features import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,4 +145,70 @@ class StatsAccumulator:
                 n: float(t / rows) for n, t in zip(self.names, self.total, strict=True)
             },
             weight_mean=self.weight_total / rows if self.weighted else 1.0,
+        )
+
+
+def check_training(acc: StatsAccumulator, dense: Sequence[str], where: str) -> None:
+    """The training split as a whole: rows, and a value in every dense column."""
+    if acc.rows == 0:
+        raise DataError(f"{where}: the training split has no rows")
+    empty = [c for c, n in zip(dense, acc.count, strict=True) if n == 0]
+    if empty:
+        raise DataError(
+            f"{where}: dense column(s) {empty} hold no value in any row of the training split "
+            "(every value null or NaN); expected numbers to standardise them with: fix the data "
+            "or leave the column(s) out of data.dense"
+        )
+    for column, m2, mean in zip(dense, acc.m2, acc.mean, strict=True):
+        if m2 == 0:
+            log.warning(
+                "%s: dense column %r holds one value (%g) in every row of the training split: "
+                "it carries no information%s",
+                where,
+                column,
+                mean,
+                " (beyond 2**24, float32 cannot tell nearby integers apart: rescale it, e.g. a "
+                "timestamp to an age in days)"
+                if abs(mean) > 2**24
+                else "",
+            )
+
+
+def check_label(stats: TrainStats, behaviours: Mapping[str, str], label: str, where: str) -> None:
+    """The label must have positive and negative training rows; another behaviour that is
+    never positive is worth a warning (its metrics are undefined, its terms weigh 0)."""
+    for name, column in behaviours.items():
+        rate = stats.positive_rate.get(name)
+        role = "label behaviour" if name == label else "behaviour"
+        what = f"{where}: {role} {name!r} (column {column!r})"
+        if name == label and rate == 0:
+            raise DataError(
+                f"{what} is 0 in every row of the training split; expected some positive rows "
+                "(> 0): with no positive there is nothing to learn"
+            )
+        if name == label and rate == 1:
+            raise DataError(
+                f"{what} is > 0 in every row of the training split; expected some negative rows "
+                "(0): with no negative there is nothing to learn"
+            )
+        if rate == 0:
+            log.warning(
+                "%s is 0 in every row of the training split: its metrics are undefined and "
+                "weight terms reading it weigh nothing",
+                what,
+            )
+
+
+def check_evaluation(positive: int, rows: int, label: str, where: str, split: str) -> None:
+    """A validation or test split whose label is all 0 (or all > 0) has no AUC: the run goes
+    on and reports NaN there, so say which split and why, up front."""
+    if rows and positive in (0, rows):
+        log.warning(
+            "%s: label behaviour %r is %s in every one of its %d rows: its AUC and GAUC are "
+            "undefined (NaN)%s",
+            where,
+            label,
+            "0" if positive == 0 else "> 0",
+            rows,
+            "; the monitored validation metric may be NaN" if split == "val" else "",
         )

@@ -27,6 +27,9 @@ How an epoch is laid out (all of it computed from row counts, identically on eve
 Resuming at batch b of an epoch skips, in each slot, the windows before b's rows without
 reading them; the result is the exact batch sequence of an uninterrupted epoch (given the same
 world size, workers, batch size and buffer).
+
+Longer than 450 lines because the layout above and the code that computes it are one invariant
+(equal batch counts, every row once): the ranges, slots, windows and resume skip stay together.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.data.batch import Batch
 from train.data.features import DataError, FeatureSpec, featurize
-from train.data.io import TableFormat, protocol, read_chunks, safe_url
+from train.data.io import TableFormat, protocol, read_chunks
+from train.secrets import safe_url
 
 
 @dataclass(frozen=True)

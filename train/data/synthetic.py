@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from train.errors import ConfigError
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEVICES: tuple[str, ...] = ("ios", "android", "web", "tablet")
 FORMATS: tuple[str, ...] = ("parquet", "csv")
@@ -141,21 +143,26 @@ class FeedSimulator:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Named as the job's config spells them (`data.simulator.n_val=0`); ConfigError is a
+        # ValueError, so callers outside the job see the usual type.
         sizes = ("n_train", "n_val", "n_test", "n_users", "n_videos", "n_authors", "n_categories")
         for name in sizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"FeedSimulator.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"data.simulator.{name}={value!r}: expected an integer >= 1")
         share = self.clickbait_share
-        if isinstance(share, bool) or not isinstance(share, (int, float, np.number)):
-            raise ValueError(f"FeedSimulator.clickbait_share must be a number, got {share!r}")
-        if not 0 <= share < 1:
-            raise ValueError(f"FeedSimulator.clickbait_share must be in [0, 1), got {share!r}")
+        if (
+            isinstance(share, bool)
+            or not isinstance(share, (int, float, np.number))
+            or not 0 <= share < 1
+        ):
+            raise ConfigError(
+                f"data.simulator.clickbait_share={share!r}: expected a number in [0, 1)"
+            )
         # SeedSequence needs a non-negative integer; reject early with the field's name.
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ValueError(f"FeedSimulator.seed must be an integer, got {self.seed!r}")
-        if self.seed < 0:
-            raise ValueError(f"FeedSimulator.seed must be >= 0, got {self.seed!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"data.simulator.seed={seed!r}: expected an integer >= 0")
 
     def split_size(self, split: str) -> int:
         """Number of impressions in ``split``."""
