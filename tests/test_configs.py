@@ -126,3 +126,18 @@ def test_scheme_knob_override_reaches_the_term(tmp_path):
 def test_monitor_follows_the_label(tmp_path):
     cfg = compose_with(["weights=seed", "weights.label=finish"], tmp_path)
     assert cfg.callbacks.checkpoint.monitor == "val/finish/auc"
+
+
+def test_a_config_folder_of_your_own_adds_schemes(tmp_path):
+    """`--config-dir DIR` / `hydra.searchpath`: a user's own schemes beside the shipped ones."""
+    (tmp_path / "mine" / "weights").mkdir(parents=True)
+    (tmp_path / "mine" / "weights" / "my_mix.yaml").write_text(
+        "# my_mix: select with weights=my_mix\n"
+        "_target_: train.weights.build_scheme\nname: my_mix\nlabel: click\n"
+        "terms: [{behaviour: like, coef: 4}]\n"
+    )
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "weights=my_mix"]
+    scheme = instantiate(compose_with(overrides, tmp_path).weights)
+    assert scheme.name == "my_mix" and [t.coef for t in scheme.terms] == [4.0]
+    # the shipped groups are still there
+    assert compose_with([*overrides, "model=multihead"], tmp_path).model.heads
