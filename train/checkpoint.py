@@ -21,7 +21,7 @@ from torch import nn
 from train.data.features import FeatureSpec
 from train.errors import UpweightError
 from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY
-from train.preprocess import DensePreprocess
+from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.secrets import safe_url, scrub
 
 TRUSTED_MODULES = ("train.",)
@@ -200,22 +200,15 @@ def load_weights(network: nn.Module, state: Mapping[str, Any], where: str) -> No
     network.load_state_dict(weights)
 
 
-STATE_KEYS = {
-    "dense_mean": ("preprocess.mean", "dense_mean"),
-    "dense_std": ("preprocess.std", "dense_std"),
-}
-"""Where the dense statistics sit in a state_dict: `train.preprocess` now, the module's own
-buffers in checkpoints written before it."""
-
-
 def dense_stats(
     state: Mapping[str, Any], artifact: Mapping[str, Any], num_dense: int, where: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense mean and std the model was trained with (the state_dict's, else the stats')."""
     stats = artifact["stats"]
     found = []
-    for name, keys in STATE_KEYS.items():
-        value = next((state[k] for k in keys if k in state), None)
+    # The statistics' names are the old state keys: the state's tensors win, the stats back them.
+    for name, key in LEGACY_STATE_KEYS.items():
+        value = state.get(key, state.get(name))
         value = torch.as_tensor(stats.get(name) if value is None else value, dtype=torch.float32)
         if value.shape != (num_dense,):
             raise CheckpointError(

@@ -204,7 +204,6 @@ class PerHeadBCE(Objective):
     def __init__(
         self,
         heads: Sequence[str],
-        alpha: Tensor,
         fusion: Mapping[str, float],
         scheme: WeightScheme,
         spec: FeatureSpec,
@@ -228,7 +227,8 @@ class PerHeadBCE(Objective):
             )
         self.columns = [behaviours.index(h) for h in self.heads]
         self.fusion = dict(fusion)
-        self.register_buffer("alpha", alpha.detach().clone(), persistent=False)
+        alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
+        self.register_buffer("alpha", alpha, persistent=False)
         scales = head_scales(self.heads, stats.continuous, positive_means(stats))
         self.register_buffer("head_scale", scales, persistent=False)
 

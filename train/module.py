@@ -17,9 +17,10 @@ from train.data.stats import TrainStats
 from train.heads import PerHeadBCE
 from train.layout import ARTIFACT_KEY
 from train.metrics import BehaviourMetrics
+from train.model import check_fusion
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
-from train.preprocess import DensePreprocess
+from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.weights import WeightScheme
 
 # Epoch metrics are computed over every rank's rows by BehaviourMetrics itself; Lightning's
@@ -31,8 +32,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 NONFINITE = ("stop", "skip")
 SPLITS = ("val", "test")
 DEFAULT_EVALUATION = Evaluation()
-LEGACY_KEYS = {"dense_mean": "preprocess.mean", "dense_std": "preprocess.std"}
-"""State-dict keys of checkpoints written before `train.preprocess` (format 1 as well)."""
 
 
 class NonFiniteError(SystemExit):
@@ -52,9 +51,8 @@ def objective_for(
     the scheme's weighted loss."""
     heads = getattr(model, "heads", None)
     if heads:
-        fusion = getattr(model, "fusion", None) or {heads[0]: 1.0}
-        alpha = torch.tensor([fusion.get(h, 0.0) for h in heads], dtype=torch.float32)
-        return PerHeadBCE(heads, alpha, fusion, scheme, spec, stats, evaluation)
+        fusion = check_fusion(getattr(model, "fusion", None), heads)
+        return PerHeadBCE(heads, fusion, scheme, spec, stats, evaluation)
     return WeightedBCE(scheme, spec, stats)
 
 
@@ -236,6 +234,6 @@ class RankingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict") or {}
-        for old, new in LEGACY_KEYS.items():
+        for old, new in LEGACY_STATE_KEYS.items():
             if old in state and new not in state:
                 state[new] = state.pop(old)

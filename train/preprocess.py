@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 DENSE_FILLS = ("mean", "zero")
+LEGACY_STATE_KEYS = {"dense_mean": "preprocess.mean", "dense_std": "preprocess.std"}
+"""Where checkpoints written before this module (format 1 as well) keep the statistics."""
 """How NaN (missing) dense values are filled: the training mean, or 0."""
 
 
