@@ -69,10 +69,12 @@ def start_job(
     module: str = "train",
     env: Mapping[str, str] | None = None,
     merge_stderr: bool = False,
+    new_session: bool = False,
 ) -> subprocess.Popen:
     """`python -m <module> <overrides>` started in `cwd` with stdout and stderr piped (stderr
     merged into stdout with `merge_stderr`): for tests that act while it runs (kill it, cut its
-    storage). Run folders that a test does not place itself land in `cwd/outputs`."""
+    storage). Run folders that a test does not place itself land in `cwd/outputs`.
+    `new_session`: in a session of its own (id: its pid), to find every process it started."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *overrides],
         cwd=cwd,
@@ -80,6 +82,7 @@ def start_job(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -125,6 +128,25 @@ def train_in_process(*overrides: str, output_dir: Path) -> float:
     from train.__main__ import train as train_job
 
     return train_job(compose(*overrides, f"paths.output_dir={output_dir}"))
+
+
+def log_rows(run: Path) -> list[dict[str, float]]:
+    """The rows of a run's `logs/metrics.csv`, each with its non-empty columns."""
+    import csv
+
+    with (Path(run) / "logs" / "metrics.csv").open() as handle:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def assert_same_logs(run: Path, reference: Path, tolerance: float = 1e-6) -> None:
+    """The run logged what the reference logged: the same rows (step, columns, values) in the
+    same order, so no row was lost to a kill or written twice by a resume."""
+    import pytest
+
+    logged, wanted = log_rows(run), log_rows(reference)
+    assert [(r["step"], sorted(r)) for r in logged] == [(r["step"], sorted(r)) for r in wanted]
+    for got, row in zip(logged, wanted, strict=True):
+        assert got == pytest.approx(row, abs=tolerance)
 
 
 _RUNS: dict[str, Path] = {}

@@ -22,7 +22,7 @@ import torch
 
 from tests import helpers
 from tests.conftest import S3Server
-from tests.helpers import TINY, run_job
+from tests.helpers import TINY, assert_same_logs, run_job
 from train import checkpoint_io
 from train.checkpoint_io import ResumeError, atomic_save, select_checkpoint
 
@@ -194,11 +194,12 @@ def loader_position(checkpoint: dict[str, Any]) -> tuple[int, int]:
 @pytest.mark.e2e
 @pytest.mark.s3
 def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Server):
-    # ~155 steps an epoch (batch 128), a last.ckpt every 10: the kill lands early in epoch 0.
+    # ~155 steps an epoch (batch 128), a last.ckpt every 10: killed 3 steps after the first one.
     common = [
         *TINY,
         "data.batch_size=128",
         "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=5",
         "callbacks.last.every_n_train_steps=10",
     ]
     reference = start_job(*common, f"paths.output_dir={tmp_path}/reference", cwd=tmp_path)
@@ -206,23 +207,24 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     fs = s3_env.filesystem()
     last = f"{run}/checkpoints/last.ckpt".removeprefix("s3://")
 
-    def saved() -> bool:
-        fs.invalidate_cache()
-        return fs.exists(last)
-
-    killed = start_job(*common, f"paths.output_dir={run}", cwd=tmp_path, env=s3_env.env)
-    kill_when(killed, saved, poll=0.1)
+    killed = start_job(
+        *common,
+        "+callbacks.kill._target_=tests.killer.KillAt",
+        "+callbacks.kill.step=13",
+        f"paths.output_dir={run}",
+        cwd=tmp_path,
+        env=s3_env.env,
+    )
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, out[-3000:]
     assert not fs.exists(f"{run}/metrics.json".removeprefix("s3://"))
     chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
     assert chosen == f"s3://{last}"
     with fs.open(last, "rb") as handle:
         interrupted = torch.load(handle, weights_only=True)
     # Mid-epoch, and the data position is the number of batches the optimizer consumed.
-    epoch, done = loader_position(interrupted)
-    rows = json.loads(fs.cat_file(f"{run}/stats.json".removeprefix("s3://")))["rows"]
-    steps = -(-rows // 128)
-    assert 0 < done < steps
-    assert interrupted["global_step"] == epoch * steps + done
+    assert loader_position(interrupted) == (0, 10)
+    assert interrupted["global_step"] == 10
 
     resumed = run_job(
         *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_env.env, check=True
@@ -233,11 +235,16 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     with fs.open(last, "rb") as handle:
         after = torch.load(handle, weights_only=True)
     expected = torch.load(tmp_path / "reference/checkpoints/last.ckpt", weights_only=True)
+    steps = -(-json.loads(fs.cat_file(f"{run}/stats.json".removeprefix("s3://")))["rows"] // 128)
     assert expected["global_step"] == 2 * steps
     metrics = json.loads(fs.cat_file(f"{run}/metrics.json".removeprefix("s3://")))
     assert_same_run(
         after, expected, metrics, json.loads((tmp_path / "reference/metrics.json").read_text())
     )
+    # The log on S3 holds the rows written before the kill and after it, each once.
+    (tmp_path / "copy" / "logs").mkdir(parents=True)
+    fs.get(f"{run}/logs/metrics.csv".removeprefix("s3://"), str(tmp_path / "copy/logs/metrics.csv"))
+    assert_same_logs(tmp_path / "copy", tmp_path / "reference")
 
 
 @pytest.mark.e2e

@@ -2,8 +2,9 @@
 slurmctld, slurmd; started here, see tests/slurm_cluster.py).
 
 - 2 tasks: DDP over gloo to the end, metrics.json in the run folder named after the job id;
-- the same job sent SIGUSR1 mid-epoch: it saves hpc_ckpt_1.ckpt, requeues itself, restarts,
-  continues from there and ends with the steps, weights and metrics of the uninterrupted job;
+- the same job sent SIGUSR1 mid-epoch, or as an epoch's validation ends: it saves
+  hpc_ckpt_1.ckpt at the next step boundary, requeues itself, restarts, continues from there and
+  ends with the steps, weights, metrics and log rows of the uninterrupted job;
 - a job array sweeps a scheme and a coefficient (a SWEEP_FILE line each), one folder each.
 """
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from tests.helpers import ENV, ROOT, TINY
+from tests.helpers import ENV, ROOT, TINY, assert_same_logs
 from tests.slurm_cluster import SlurmCluster, Unavailable
 from tests.test_resume import assert_same_run, loader_position
 
@@ -100,23 +101,41 @@ def test_two_tasks_train_with_ddp_to_the_end(uninterrupted: Path):
     assert checkpoint["global_step"] == 2 * -(-rows // 512)
 
 
-def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+@pytest.mark.parametrize(
+    "when",
+    [
+        "mid_epoch",  # scancel -s USR1 once training is under way
+        "after_validation",  # each rank signalled as the first epoch's validation ends
+    ],
+)
+def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path, when):
+    steps = 40  # 20000 rows in global batches of 512
+    signal_at = []
+    if when == "after_validation":
+        signal_at = [
+            "+callbacks.kill._target_=tests.killer.KillAt",
+            "+callbacks.kill.where=validation_end",
+            f"+callbacks.kill.step={steps}",
+            "+callbacks.kill.signal=SIGUSR1",
+        ]
     job = submit(
         cluster,
         tmp_path,
         "--ntasks-per-node=2",
         str(ROOT / "slurm" / "train.sbatch"),
         *ARGS,
+        *signal_at,
         MASTER_PORT=str(free_port()),
     )
     run = tmp_path / "runs" / job
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "last.ckpt").exists():
-        assert time.monotonic() < deadline, log(tmp_path)[-3000:]
-        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), log(tmp_path)[-3000:]
-        time.sleep(0.2)
-    signalled = cluster.command("scancel", "-s", "USR1", job)
-    assert signalled.returncode == 0, signalled.stderr
+    if when == "mid_epoch":
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists():
+            assert time.monotonic() < deadline, log(tmp_path)[-3000:]
+            assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), log(tmp_path)[-3000:]
+            time.sleep(0.2)
+        signalled = cluster.command("scancel", "-s", "USR1", job)
+        assert signalled.returncode == 0, signalled.stderr
     # Requeued: pending again, held ~120 s by Slurm's BeginTime unless told to start now.
     cluster.wait(job, {"PENDING"}, timeout=300)
     assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
@@ -127,13 +146,16 @@ def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
     assert "preempted at step" in text and f"requeued job {job}" in text, text[-3000:]
     assert f"resume=auto: continuing from {run}/checkpoints/hpc_ckpt_1.ckpt" in text
     saved = torch.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", weights_only=True)
-    steps = -(-json.loads((run / "stats.json").read_text())["rows"] // 512)
+    assert steps == -(-json.loads((run / "stats.json").read_text())["rows"] // 512)
     epoch, done = loader_position(saved)
     assert 0 < done < steps, "interrupted mid-epoch"
     assert saved["global_step"] == epoch * steps + done
+    if when == "after_validation":  # saved at the step after the validation, not before it
+        assert saved["global_step"] == steps + 1
     resumed, resumed_metrics = final(run)
     expected, expected_metrics = final(uninterrupted)
     assert_same_run(resumed, expected, resumed_metrics, expected_metrics)
+    assert_same_logs(run, uninterrupted)
 
 
 def test_job_array_sweeps_schemes_and_coefficients(cluster, tmp_path):

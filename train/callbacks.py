@@ -1,22 +1,39 @@
-"""Callbacks the job always runs besides Lightning's own: each rank's RNG state in the
-checkpoints, and the first-epoch model that warm starts begin from."""
+"""Callbacks the job always runs besides Lightning's own: the training state Lightning leaves
+out of checkpoints, and the first-epoch model that warm starts begin from."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 import lightning as L
 import torch
+from fsspec.core import url_to_fs
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from train.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
 
-class RandomState(L.Callback):
-    """Each rank's torch RNG state (CPU, and its CUDA device) saved with the checkpoint and
-    restored on resume. Model initialisation draws the same numbers in a resumed run; only
-    the draws made during training (dropout) need this."""
+class TrainingState(L.Callback):
+    """What a checkpoint needs besides Lightning's own state to resume exactly:
+
+    - each rank's torch RNG state (CPU, and its CUDA device): model initialisation draws the
+      same numbers in a resumed run; only the draws made during training (dropout) need this;
+    - a stop already decided (`trainer.should_stop`, e.g. by early stopping at the validation
+      that the epoch-end checkpoint follows): Lightning does not save it, and a run resumed from
+      that checkpoint would otherwise train an epoch that the uninterrupted run never trained.
+    """
+
+    def __init__(self) -> None:
+        self._stop = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop:
+            trainer.should_stop = True
+            self._stop = False
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -31,13 +48,17 @@ class RandomState(L.Callback):
         else:
             states = {k: v.unsqueeze(0) for k, v in states.items()}
         checkpoint["rng_states"] = states
+        checkpoint["should_stop"] = bool(trainer.should_stop)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn != "fit":
+            return  # evaluation draws nothing at random and has nothing to stop
+        self._stop = bool(checkpoint.get("should_stop", False))
         states = checkpoint.get("rng_states")
-        if trainer.state.fn != "fit" or not states:
-            return  # evaluation draws nothing at random
+        if not states:
+            return
         if states["cpu"].shape[0] != trainer.world_size:
             log.warning("the checkpoint's RNG states are for another number of ranks: not restored")
             return
@@ -73,3 +94,79 @@ class FirstEpochCheckpoint(ModelCheckpoint):
 
     def _due(self, trainer: L.Trainer) -> bool:
         return trainer.current_epoch == 0 and not self.best_model_path
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`dirpath/last.ckpt`, its only writer: every `every_n_train_steps` optimizer steps (0: never
+    mid-epoch) and at every epoch's end, after that epoch's validation, early stopping and
+    best.ckpt (Lightning's ModelCheckpoint takes steps or epochs, not both).
+
+    A step that a validation or the epoch's end follows is saved after them instead: Lightning
+    resumes a checkpoint written at such a step past them, as if they had run.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
+        self._deferred = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        due = self._every_n_train_steps > 0 and trainer.global_step % self._every_n_train_steps == 0
+        if not due or self._should_skip_saving_checkpoint(trainer):
+            return
+        if boundary_follows(trainer):
+            self._deferred = True
+        else:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        at_epoch_end = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self._deferred and not at_epoch_end and self._saving(trainer):
+            self._deferred = False
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._saving(trainer):
+            self._deferred = False
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _saving(self, trainer: L.Trainer) -> bool:
+        return (
+            trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from a checkpoint with nothing left to train (best.ckpt, written just before
+        # last.ckpt at the final epoch's end, by a run killed in between): that file is the
+        # run's final state, and last.ckpt becomes a copy of it.
+        source = str(trainer.ckpt_path or "")
+        if (
+            trainer.is_global_zero
+            and source
+            and source.rstrip("/").rsplit("/", 1)[-1] != f"{self.CHECKPOINT_NAME_LAST}.ckpt"
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            fs, path = url_to_fs(source)
+            with fs.open(path, "rb") as handle:
+                atomic_write(
+                    self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST),
+                    lambda out: shutil.copyfileobj(handle, out, 1 << 24),
+                )
+
+
+def boundary_follows(trainer: L.Trainer) -> bool:
+    """Whether a validation or the epoch's end comes right after the current training batch.
+    Lightning resumes a checkpoint saved at such a batch past them (as if they had run), so
+    checkpoints that resume=auto may pick are saved after them instead."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    return bool(loop.batch_progress.is_last_batch) or (
+        fetcher is not None and loop._should_check_val_fx(fetcher)
+    )

@@ -189,6 +189,8 @@ RULES: dict[str, Rule] = {
     "callbacks.early_stopping.min_delta": number(0.0),
     "callbacks.last.every_n_train_steps": optional(integer(0)),
     "callbacks.requeue.check_every_n_steps": integer(1),
+    "callbacks.rank_watchdog.timeout_s": number(0.0, low_open=True),
+    "callbacks.rank_watchdog.interval_s": number(0.0, low_open=True),
 }
 METRIC_NAMES = (
     *METRICS,

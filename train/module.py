@@ -228,11 +228,22 @@ class RankingModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def on_train_start(self) -> None:
+        # Lightning #20550: `estimated_stepping_batches` (configure_optimizers) sets the training
+        # loader up before the checkpoint is restored, and the loader's saved position is then
+        # never loaded; load it now and restart the iterator from it.
+        loop = self.trainer.fit_loop
+        if loop.restarting and loop._combined_loader_states_to_load:
+            loop._load_combined_loader_states()
+            iter(loop._data_fetcher)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         checkpoint[ARTIFACT_KEY] = self.artifact
+        checkpoint["skipped_batches"] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
         state = checkpoint.get("state_dict") or {}
         for old, new in LEGACY_STATE_KEYS.items():
             if old in state and new not in state:

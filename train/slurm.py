@@ -18,6 +18,7 @@ import lightning as L
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from train.callbacks import boundary_follows
 from train.checkpoint_io import HPC_NAME
 
 
@@ -42,6 +43,7 @@ class SlurmRequeue(L.Callback):
         self.check_every_n_steps = check_every_n_steps
         self.signum = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
         self.received = False
+        self._agreed = False  # every rank knows that one received the signal
         self._active = False
         self._previous: Any = None
         self._last_step = -1
@@ -70,13 +72,14 @@ class SlurmRequeue(L.Callback):
         if not self._active or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        if trainer.world_size > 1:
-            if trainer.global_step % self.check_every_n_steps:
-                return
-            stop = trainer.strategy.reduce_boolean_decision(self.received, all=False)
-        else:
-            stop = self.received
-        if stop:
+        if not self._agreed:
+            if trainer.world_size == 1:
+                self._agreed = self.received
+            elif trainer.global_step % self.check_every_n_steps == 0:
+                self._agreed = trainer.strategy.reduce_boolean_decision(self.received, all=False)
+        # Before a validation or an epoch's end the save waits for the next step: Lightning
+        # resumes a checkpoint written there past them, as if they had run.
+        if self._agreed and not boundary_follows(trainer):
             self.save_and_requeue(trainer)
 
     def save_and_requeue(self, trainer: L.Trainer) -> None:

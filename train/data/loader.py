@@ -12,15 +12,53 @@ import torch
 from train.data.batch import Batch
 
 
-class TrainBatches:
+class EpochPosition:
+    """Where a training loader is: its epoch and the batches of it already yielded, saved in
+    every checkpoint (`state_dict`) so that a resumed run continues with the exact batch
+    sequence of an uninterrupted one.
+
+    The trainer's epoch is the authority: Lightning calls `loader.sampler.set_epoch(epoch)` at
+    every epoch's start, and restores no loader state from a checkpoint written at an epoch's
+    end (it counts that epoch as finished), so the loader learns the next epoch from that call.
+    """
+
+    seed: int
+    epoch: int = 0
+    batches_done: int = 0
+
+    @property
+    def sampler(self) -> EpochPosition:
+        return self  # where Lightning looks for `set_epoch`
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def _start(self) -> int:
+        """The batch an `iter()` starts at; a finished epoch rolls over to the next (the trainer
+        stops after len() batches without exhausting the generator, and a loader iterated
+        without a trainer gets no `set_epoch`)."""
+        if self.batches_done >= len(self):  # type: ignore[arg-type]
+            self.epoch += 1
+            self.batches_done = 0
+        return self.batches_done
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+
+
+class TrainBatches(EpochPosition):
     """Shuffled training batches; one global batch of `batch_size * world_size` rows is cut into
     `world_size` near-equal pieces, one per rank.
 
     So 1 process at batch 2B and 2 processes at batch B see the same global batches, in the same
     order; every row is used once per epoch. The last global batch is smaller; if it has fewer
     rows than ranks it is dropped (at most world_size - 1 rows an epoch) so no rank gets an
-    empty batch. The permutation is re-drawn each epoch from (seed, epoch). The position within
-    the epoch is part of `state_dict`, so a resumed run continues where it stopped.
+    empty batch. The permutation is re-drawn each epoch from (seed, epoch).
     """
 
     def __init__(
@@ -40,27 +78,16 @@ class TrainBatches:
         return full + (tail >= self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.batches_done >= len(self):
-            # The previous epoch ran to its end (the trainer stops after len() batches without
-            # exhausting this generator, so the roll-over happens here).
-            self.epoch += 1
-            self.batches_done = 0
+        start = self._start()
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.table), generator=generator)
         order = order.to(self.table.categorical.device)
         global_batch = self.batch_size * self.world_size
-        for step in range(self.batches_done, len(self)):
+        for step in range(start, len(self)):
             rows = order[step * global_batch : (step + 1) * global_batch]
             piece = torch.tensor_split(rows, self.world_size)[self.rank]
             self.batches_done += 1
             yield self.table.index(piece)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
 
 
 class EvalBatches:

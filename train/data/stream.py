@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from train.data.batch import Batch
 from train.data.features import DataError, FeatureSpec, featurize
 from train.data.io import TableFormat, protocol, read_chunks
+from train.data.loader import EpochPosition
+from train.liveness import die_with
 from train.secrets import safe_url
 
 
@@ -337,9 +341,11 @@ class _Rows:
         return out
 
 
-def _init_worker(worker_id: int) -> None:
+def _init_worker(rank_pid: int, worker_id: int) -> None:
     # One Arrow thread per worker: the workers are the parallelism.
     pa.set_cpu_count(1)
+    # A forkserver's worker is no child of its rank: without this it outlives a killed rank.
+    die_with(rank_pid)
 
 
 def loader_context(
@@ -420,7 +426,7 @@ class StreamBatches:
             batch_size=None,
             num_workers=self.num_workers,
             multiprocessing_context=self.context,
-            worker_init_fn=_init_worker if self.num_workers else None,
+            worker_init_fn=partial(_init_worker, os.getpid()) if self.num_workers else None,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
         with _main_script_hidden():
@@ -428,10 +434,9 @@ class StreamBatches:
         yield from batches
 
 
-class StreamTrainBatches(StreamBatches):
-    """Training batches, reshuffled each epoch. The position (epoch, batches done) is in
-    `state_dict`, so a resumed run continues with the exact batch sequence of an uninterrupted
-    one, like the in-memory `TrainBatches`."""
+class StreamTrainBatches(StreamBatches, EpochPosition):
+    """Training batches, reshuffled each epoch, resumable mid-epoch like the in-memory
+    `TrainBatches` (`EpochPosition`)."""
 
     def __init__(self, dataset: StreamDataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
@@ -440,19 +445,8 @@ class StreamTrainBatches(StreamBatches):
         self.batches_done = 0
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.batches_done >= len(self):
-            # The previous epoch ran to its end: the roll-over happens here, as in TrainBatches
-            # (the trainer may stop after len() batches without exhausting this generator).
-            self.epoch += 1
-            self.batches_done = 0
-        self.stream.epoch, self.stream.start = self.epoch, self.batches_done
+        start = self._start()  # first: a finished epoch rolls over to the next
+        self.stream.epoch, self.stream.start = self.epoch, start
         for batch in self._batches():
             self.batches_done += 1
             yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
