@@ -117,7 +117,8 @@ def test_a_worker_ends_as_soon_as_its_rank_is_gone(sleeper, pidfd):
     start = time.monotonic()
     assert worker.wait(timeout=10) == 1
     took = time.monotonic() - start
-    assert took < (0.5 if pidfd else POLL_S + 0.5), took
+    # Without die_with it would sleep its 60 s; the margin is for a loaded 2-core CI machine.
+    assert took < (2.0 if pidfd else POLL_S + 2.0), took
 
 
 needs_pidfd = pytest.mark.skipif(not machine_id(), reason="no boot id / pid namespace here")
@@ -310,7 +311,7 @@ class Job:
         assert killed and self.ended is not None, where
         assert self.process.returncode != 0, where
         survivor = 1 - self.dead
-        named = rf"error: rank {self.dead} \(pid \d+ on host .+\) died; stopping rank {survivor}"
+        named = rf"error: rank {self.dead} \(pid \d+ on host .+\) died( \(.+\))?; stopping rank {survivor}"
         assert re.search(named, output), where
         # What there was to leave behind: both ranks, each with a forkserver and its workers.
         ranks = [pid for pid, command in self.seen.items() if kind(command) == "rank"]
