@@ -149,6 +149,22 @@ def assert_same_logs(run: Path, reference: Path, tolerance: float = 1e-6) -> Non
         assert got == pytest.approx(row, abs=tolerance)
 
 
+def session_processes(sid: int) -> dict[int, str]:
+    """The live (not zombie) processes of session `sid`: pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(stat[3]) == sid and stat[0] not in ("Z", "X"):
+            found[int(entry)] = command
+    return found
+
+
 _RUNS: dict[str, Path] = {}
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 
-from tests.helpers import ENV
+from tests.helpers import ENV, session_processes
 from train.liveness import POLL_S, Peer, PeerWatch, machine_id
 
 HOST = socket.gethostname()
@@ -228,22 +228,6 @@ def write_shards(folder: Path) -> None:
             pq.write_table(half, folder / split / f"p{i}.parquet", row_group_size=100)
 
 
-def session(sid: int) -> dict[int, str]:
-    """The live (not zombie) processes of session `sid`: pid -> command line."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            continue  # ended while we looked
-        if int(stat[3]) == sid and stat[0] not in ("Z", "X"):
-            found[int(entry)] = command
-    return found
-
-
 def kind(command: str) -> str:
     if "multiprocessing.forkserver" in command:
         return "forkserver"  # the server and the workers it forks show the same command line
@@ -290,7 +274,7 @@ class Job:
             self.lines.append((time.monotonic(), line))
 
     def look(self) -> None:
-        members = session(self.process.pid)
+        members = session_processes(self.process.pid)
         now = time.monotonic()
         self.seen |= {pid: command for pid, command in members.items() if command}  # "": exiting
         self.last_seen |= dict.fromkeys(members, now)
@@ -332,7 +316,7 @@ def test_a_killed_rank_stops_the_job_and_leaves_no_process(tmp_path):
             for job in jobs:
                 job.look()
             time.sleep(0.05)
-        left = {job.dead: session(job.process.pid) for job in jobs}
+        left = {job.dead: session_processes(job.process.pid) for job in jobs}
     finally:
         for job in jobs:
             job.kill()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests import helpers
-from tests.helpers import TINY, assert_same_logs, log_rows, train_in_process
+from tests.helpers import TINY, assert_same_logs, log_rows, session_processes, train_in_process
 
 RUN = [
     *TINY,
@@ -81,15 +81,7 @@ def session_gone(session: int, timeout: float = 60) -> None:
     """Wait until no process of `session` is left (the ranks, their DataLoader workers)."""
     deadline = time.monotonic() + timeout
     while True:
-        left = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[3]) == session:
-                    left.append(int(entry))
+        left = list(session_processes(session))
         if not left:
             return
         if time.monotonic() > deadline:

@@ -47,7 +47,7 @@ class CSVLogger(LightningCSVLogger):
 
     @property
     def experiment(self) -> _ExperimentWriter:  # type: ignore[override]
-        if self._experiment is None and self._is_global_zero():
+        if self._experiment is None and rank_zero_only.rank == 0:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ResumableWriter(self.log_dir, self._resume)
         return super().experiment
@@ -63,9 +63,6 @@ class CSVLogger(LightningCSVLogger):
         self._resume = position
         if isinstance(self._experiment, ResumableWriter):
             self._experiment.cut_to(position)
-
-    def _is_global_zero(self) -> bool:
-        return rank_zero_only.rank == 0
 
 
 class ResumableWriter(ExperimentWriter):
