@@ -6,9 +6,10 @@ The workload of bench/throughput.py (simulated rows, 8 hashed categorical featur
 embedding 16, MLP 256-128-64, the `seed` scheme) through the job's own path
 (ImpressionDataModule + RankingModule + lightning.Trainer), one epoch at a global batch of
 4096: 1 process with `--cores` threads (and with 1, a control), then 2 DDP processes (gloo,
-launched by torchrun) with `--cores / 2` threads each, the same global batches. A DDP communication hook counts
-the gradient bytes each rank hands to all-reduce per step, with sparse embedding gradients
-(the default: only the rows a batch touched) and with dense ones (the whole table).
+launched by torchrun) with `--cores / 2` threads each, the same global batches. A DDP communication hook, the
+job's own (`train.sparse_allreduce.reduce_gradients`), counts the gradient bytes each rank hands
+to the reduction per step, with sparse embedding gradients (the default: only the rows a batch
+touched) and with dense ones (the whole table).
 Throughput is timed after 5 warm-up steps. Prints rows/s, bytes per step and, last,
 `ratio <2 processes rows/s / the better single process>` (sparse gradients).
 """
@@ -28,7 +29,8 @@ from typing import Any
 import lightning as L
 import torch
 from throughput import BATCH, data_module, job_module, job_trainer
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from train.sparse_allreduce import reduce_gradients
 
 WARMUP = 5
 
@@ -41,14 +43,15 @@ class ByteCount:
 
 
 def counting_hook(state, bucket):  # unannotated: DDP checks annotations against real types
-    """DDP's default all-reduce, counting what it sends: a sparse gradient is its values and
-    indices (the touched rows), a dense bucket its whole flat buffer."""
+    """The job's reduction (dense collectives only, see train/sparse_allreduce.py), counting
+    what it is handed: a sparse gradient is its values and indices (the touched rows), a dense
+    bucket its whole flat buffer."""
     grad = bucket.buffer()
     if grad.is_sparse:
         state.bytes += grad._values().nbytes + grad._indices().nbytes
     else:
         state.bytes += grad.nbytes
-    return default_hooks.allreduce_hook(None, bucket)
+    return reduce_gradients(torch.distributed.group.WORLD, bucket)
 
 
 class Clock(L.Callback):

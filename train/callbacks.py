@@ -1,5 +1,6 @@
 """Callbacks the job always runs besides Lightning's own: the training state Lightning leaves
-out of checkpoints, and the first-epoch model that warm starts begin from."""
+out of checkpoints, the first-epoch model that warm starts begin from, and the reduction of
+sparse gradients under DDP that NCCL can run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import lightning as L
 import torch
 from fsspec.core import url_to_fs
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.nn.parallel import DistributedDataParallel
 
+from train.sparse_allreduce import has_sparse_gradients, reduce_gradients
 from train.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -170,3 +173,25 @@ def boundary_follows(trainer: L.Trainer) -> bool:
     return bool(loop.batch_progress.is_last_batch) or (
         fetcher is not None and loop._should_check_val_fx(fetcher)
     )
+
+
+class SparseAllReduce(L.Callback):
+    """Registers `train.sparse_allreduce.reduce_gradients` on the DDP model of a run with several
+    processes whose network has sparse gradients (`model.sparse_embeddings: true`, the default):
+    they are then reduced with dense all-gathers, which NCCL has, not with DDP's sparse all-reduce,
+    which only gloo has. A network without sparse gradients keeps DDP's own (C++) all-reduce."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The strategy wraps the model in DDP in its setup, after the callbacks' `setup` and
+        # before this hook; DDP takes a hook until the first backward.
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel) or not has_sparse_gradients(model):
+            return
+        try:
+            model.register_comm_hook(model.process_group, reduce_gradients)
+        except RuntimeError as err:  # DDP takes one hook: the strategy was given its own
+            raise RuntimeError(
+                "the strategy registered a DDP communication hook already; sparse embedding "
+                "gradients need train.sparse_allreduce.reduce_gradients on NCCL: drop the "
+                "strategy's hook, or set callbacks.sparse_allreduce=null and use gloo"
+            ) from err
