@@ -28,7 +28,8 @@ from tests.helpers import TINY, run_job, start_job, train_in_process
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.model import DNN
-from train.module import NonFiniteError, RankingModule
+from train.module import RankingModule
+from train.nonfinite import NonFiniteError
 from train.weights import build_scheme
 
 # One epoch of 5 batches of 4096 (20000 rows): the batch statistics below are of 4096 rows.

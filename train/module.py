@@ -18,6 +18,7 @@ from train.heads import PerHeadBCE
 from train.layout import ARTIFACT_KEY
 from train.metrics import BehaviourMetrics
 from train.model import check_fusion
+from train.nonfinite import NonFiniteGuard
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
@@ -29,15 +30,8 @@ warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
-NONFINITE = ("stop", "skip")
 SPLITS = ("val", "test")
 DEFAULT_EVALUATION = Evaluation()
-
-
-class NonFiniteError(SystemExit):
-    """A non-finite loss or gradient with `nonfinite=stop`: every rank decides alike (the flag
-    rides the loss all-reduce; gradients are already all-reduced), so all of them exit, like
-    `sys.exit` (message, exit code 1, no traceback); the checkpoints saved so far are kept."""
 
 
 def objective_for(
@@ -76,8 +70,6 @@ class RankingModule(L.LightningModule):
         """`model_config` (the `model` config that built `model`) goes into every checkpoint,
         so scoring and warm starts can rebuild the network."""
         super().__init__()
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.model = model
         self.scheme = scheme
         self.preprocess = DensePreprocess(stats.dense_mean, stats.dense_std, spec.dense_fill)
@@ -86,7 +78,6 @@ class RankingModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.evaluation = evaluation
         self.nonfinite = nonfinite
-        self.skipped_batches = 0
         self.artifact = artifact(model_config or {}, spec, stats, scheme)
         self.metrics = nn.ModuleDict(
             {
@@ -102,88 +93,65 @@ class RankingModule(L.LightningModule):
             }
         )
         self.test_results: dict[str, float] = {}
+        self.guard = NonFiniteGuard(nonfinite, [name for name, _ in self.named_parameters()])
+
+    @property
+    def skipped_batches(self) -> int:
+        return int(self.guard.skipped)  # a host read: checkpoints and tests only
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Raw features in, logits out: the preprocessing travels with the model."""
         return self.model(categorical, self.preprocess(dense))
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        # Nothing here reads a value back to the host: a GPU runs ahead of Python all step.
         logits = self(batch.categorical, batch.dense)
         rows = len(batch.behaviours)
         label, weight = self.objective.targets(batch.behaviours)
         weighted, summed = loss_sums(logits.reshape(rows, -1), label, weight)
         weight_sum = weight.sum(0)
-        bad = (~torch.isfinite(summed).all() | ~torch.isfinite(weight_sum).all()).float()
-        local = torch.cat([summed.detach(), weight_sum, bad.unsqueeze(0)])
+        bad = ~(torch.isfinite(summed).all() & torch.isfinite(weight_sum).all())
+        local = torch.cat([summed.detach(), weight_sum, bad.float().unsqueeze(0)])
         # Global Σw (and Σwℓ for the log) over all ranks, per output: the mean of per-rank
         # weighted means is not the weighted mean of the global batch. The non-finite flag rides
-        # along, so every rank stops or skips the same batch.
+        # along, so every rank skips (or stops at) the same step.
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
-        if total[-1] > 0:
-            return self._nonfinite(batch, logits, weight, label)
+        self.guard.loss(total[-1] > 0, self.global_step, logits, label, weight, batch.dense)
         outputs = len(summed)
         denominator = total[outputs : 2 * outputs].clamp_min(torch.finfo(torch.float32).tiny)
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = (weighted.sum(0) / denominator).sum() * self.trainer.world_size
-        self.log("train/loss", (total[:outputs] / denominator).sum(), prog_bar=True)
+        # Not on the progress bar: Lightning turns every progress-bar value into a Python number
+        # after every step, a host read; loggers read it every `log_every_n_steps`.
+        self.log("train/loss", (total[:outputs] / denominator).sum())
         return loss
-
-    def _nonfinite(
-        self, batch: Batch, logits: torch.Tensor, weight: torch.Tensor, label: torch.Tensor
-    ) -> None:
-        """Stop with the batch's statistics, or (`nonfinite=skip`) skip it: returning None from
-        training_step makes Lightning skip backward and the optimizer step, on every rank."""
-        if self.nonfinite == "skip":
-            self._skipped()
-            return None
-        dense = batch.dense
-        finite_w = weight[torch.isfinite(weight)]
-        rank = f" (rank {self.global_rank})" if self.trainer.world_size > 1 else ""
-        raise NonFiniteError(
-            f"error: non-finite training loss at global step {self.global_step}{rank}; batch: "
-            f"{len(batch.behaviours)} rows, weight sum {weight.sum().item():.6g} "
-            f"min {finite_w.min().item() if len(finite_w) else float('nan'):.6g} "
-            f"max {finite_w.max().item() if len(finite_w) else float('nan'):.6g} "
-            f"({int((~torch.isfinite(weight)).sum())} non-finite), "
-            f"label rate {label.float().mean().item():.4g}, "
-            f"non-finite logits {int((~torch.isfinite(logits)).sum())}/{logits.numel()}, "
-            f"infinite dense {int(torch.isinf(dense).sum())}/{dense.numel()} "
-            f"(NaN = missing: {int(torch.isnan(dense).sum())}). Lower optimizer.lr, check the "
-            "data's dense and behaviour columns, or set nonfinite=skip to skip such batches"
-        )
-
-    def _skipped(self) -> None:
-        self.skipped_batches += 1
-        self.log("train/skipped_batches", float(self.skipped_batches))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are all-reduced by now (identical on every rank): no extra collective.
-        names, counts = [], []
-        for name, param in self.named_parameters():
-            if param.grad is not None:
-                if param.grad.is_sparse:
-                    # Coalesced in place, once: the lazy Adam step then finds it done (the sort is
-                    # a tenth of a CPU step).
-                    param.grad = param.grad.coalesce()
-                grad = param.grad.values() if param.grad.is_sparse else param.grad
-                names.append(name)
-                counts.append((~torch.isfinite(grad)).sum())
-        if not counts:
+        skip = self.guard.gradients([p.grad for p in self.parameters()], self.global_step)
+        if self.nonfinite == "skip":
+            self.log("train/skipped_batches", self.guard.skipped.float())
+        if getattr(optimizer, "skips_on_device", False):
+            optimizer.found_inf = self.guard.found_inf  # type: ignore[attr-defined]
             return
-        counts = torch.stack(counts).tolist()  # one device sync for all parameters
-        bad = [f"{n} ({c} non-finite)" for n, c in zip(names, counts, strict=True) if c]
-        if not bad:
-            return
-        if self.nonfinite == "skip":  # no gradient: the optimizers leave every parameter as is
-            for param in self.parameters():
+        # An optimizer that cannot skip on the device: the host decides, one read a step.
+        if bool(skip):
+            if self.nonfinite == "stop":
+                self.guard.check(self._rank())
+            for param in self.parameters():  # no gradient: the optimizer leaves them as is
                 param.grad = None
-            self._skipped()
-            return
-        raise NonFiniteError(
-            f"error: non-finite gradient at global step {self.global_step} in "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Lower optimizer.lr or set "
-            "trainer.gradient_clip_val, or set nonfinite=skip to skip such steps"
-        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # On the steps whose values Lightning's logger reads (global_step has counted this one).
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
+            self.guard.check(self._rank())
+
+    def on_train_epoch_end(self) -> None:
+        self.guard.check(self._rank())
+
+    def _rank(self) -> int | None:
+        return self.global_rank if self._trainer and self.trainer.world_size > 1 else None
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update("val", batch)
@@ -243,7 +211,7 @@ class RankingModule(L.LightningModule):
         checkpoint["skipped_batches"] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
+        self.guard.skipped.fill_(int(checkpoint.get("skipped_batches", 0)))
         state = checkpoint.get("state_dict") or {}
         for old, new in LEGACY_STATE_KEYS.items():
             if old in state and new not in state:

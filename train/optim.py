@@ -24,7 +24,16 @@ from train.errors import ConfigError
 class SparseDenseAdam(torch.optim.Optimizer):
     """One optimizer (as Lightning and LR schedulers expect) over three parameter groups:
     weights that decay (AdamW), biases/norms/dense embeddings that don't, and parameters with
-    sparse gradients (SparseAdam). Schedulers scale the `lr` of every group alike."""
+    sparse gradients (SparseAdam). Schedulers scale the `lr` of every group alike.
+
+    No step reads a value back to the host, so a GPU never waits on it: the dense groups take
+    the fused AdamW kernel, the sparse rows are summed with fixed-size ops (`row_gradients`), and
+    the step counts and bias corrections stay on the device. `found_inf` (a 0-d float tensor, as
+    `torch.amp.GradScaler` sets it on torch's optimizers) skips a step on the device when it
+    holds 1: no parameter, moment or step count moves (`RankingModule`'s non-finite guard)."""
+
+    skips_on_device = True
+    """`found_inf` is honoured without a host read (the module's guard looks for this)."""
 
     def __init__(
         self,
@@ -64,10 +73,15 @@ class SparseDenseAdam(torch.optim.Optimizer):
         for group in sparse_groups:
             group.setdefault("betas", betas)
             group.setdefault("eps", eps)
+        # Fused: one kernel for every dense parameter (CPU and CUDA), and the only AdamW that
+        # takes `found_inf` (the others raise on it).
         self._dense = (
-            torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
+            torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps, fused=True)
+            if dense_groups
+            else None
         )
         super().__init__(groups, defaults={"lr": lr})
+        self.found_inf: torch.Tensor | None = None
         self._share_state()
 
     def _share_state(self) -> None:
@@ -86,6 +100,7 @@ class SparseDenseAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._dense is not None:
+            self._dense.found_inf = self.found_inf  # read by AdamW.step, as GradScaler sets it
             self._dense.step()
         for group in self.param_groups:
             if group["kind"] == "sparse":
@@ -93,35 +108,70 @@ class SparseDenseAdam(torch.optim.Optimizer):
         return loss
 
     def _lazy_adam(self, group: dict) -> None:
-        """Adam on the rows present in each sparse gradient (SparseAdam's update, row-wise)."""
+        """Adam on the rows present in each sparse gradient (SparseAdam's update, row-wise).
+
+        The rows come as `row_gradients` gives them: every occurrence of a row carries that
+        row's summed gradient, so each occurrence computes the same new values and the
+        `index_copy_`s write identical values wherever a row repeats."""
         beta1, beta2 = group["betas"]
         lr, eps = float(group["lr"]), group["eps"]
         for param in group["params"]:
             if param.grad is None:
                 continue
-            grad = param.grad.coalesce()  # the update is non-linear: one value per row
-            if grad.sparse_dim() != 1:
+            if param.grad.sparse_dim() != 1:
                 raise ValueError("sparse gradients must be row-sparse (nn.Embedding's)")
-            rows, values = grad.indices()[0], grad.values()
-            if values.numel() == 0:
+            rows, values = row_gradients(param.grad)
+            if values.numel() == 0:  # a size known on the host: no read
                 continue
             state = self.state[param]
             if not state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param)
                 state["exp_avg_sq"] = torch.zeros_like(param)
-            state["step"] += 1
+            elif not torch.is_tensor(state["step"]):  # checkpoints before the step moved
+                state["step"] = torch.tensor(float(state["step"]), device=param.device)
+            keep = 1.0
+            if self.found_inf is not None:
+                # A skipped step moves nothing: its gradient is zeroed (it may be NaN, and
+                # 0 * NaN is NaN) and every change below is scaled by 0.
+                keep = 1.0 - self.found_inf
+                values = values.masked_fill(self.found_inf.bool(), 0.0)
+            state["step"].add_(keep)
+            step = state["step"]
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             # old + (1 - b) * (new - old), as SparseAdam computes it
             m = exp_avg.index_select(0, rows)
-            m.add_(values.sub(m).mul_(1 - beta1))
+            m.add_(values.sub(m).mul_((1 - beta1) * keep))
             v = exp_avg_sq.index_select(0, rows)
-            v.add_(values.square().sub_(v).mul_(1 - beta2))
+            v.add_(values.square().sub_(v).mul_((1 - beta2) * keep))
             exp_avg.index_copy_(0, rows, m)
             exp_avg_sq.index_copy_(0, rows, v)
-            step = state["step"]
-            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-            param.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
+            # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
+            # 6e-5); clamped: a skipped first step has step 0 (its factor is multiplied by 0).
+            t = step.double()
+            bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
+            step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
+            update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
+            param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
+
+
+def row_gradients(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, values) of a row-sparse gradient, each row's values summed over its duplicates.
+
+    A coalesced gradient (DDP's reduction makes one) has each row once. An uncoalesced one
+    (the embedding's own backward: one entry per looked-up id) keeps its length: entries are
+    sorted by row and each carries the sum of its row's entries. `coalesce()` would give each
+    row once, but its length is the number of distinct rows, which a GPU has to read back
+    before the next op; this costs a few more rows per step and no read."""
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    rows, order = grad._indices()[0].sort()
+    values = grad._values().index_select(0, order)
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    torch.ne(rows[1:], rows[:-1], out=starts[1:])
+    segment = starts.cumsum(0).sub_(1)
+    sums = torch.zeros_like(values).index_add_(0, segment, values)
+    return rows, sums.index_select(0, segment)
 
 
 def warmup_cosine(

@@ -1,0 +1,92 @@
+"""No host synchronisation in a steady-state training step (issue 13).
+
+The job is run through its own config with `tests.nosync.HostSyncGuard`, which records every op
+that would make a GPU wait for the host (`.item()`, `.tolist()`, `if tensor:`, data-dependent
+output sizes such as `nonzero` or sparse `coalesce`) from the 4th step on, leaving out only the
+steps whose values Lightning's logger reads (every `trainer.log_every_n_steps`, where the
+non-finite guard reads its flags too). Both objectives (one weighted logit, one head per
+behaviour) and both non-finite modes, with the progress bar on and a cosine schedule.
+
+On a GPU the same claim is checked by `torch.cuda.set_sync_debug_mode("error")` (bench/gpu.py
+`--sync-check`); on the CPU nothing stalls, so the ops themselves are looked for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import TINY, train_in_process
+from tests.nosync import HostSyncGuard
+from train.nonfinite import NonFiniteGuard
+from train.optim import SparseDenseAdam
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("model", "nonfinite"),
+    [("dnn", "stop"), ("dnn", "skip"), ("multihead", "stop"), ("multihead", "skip")],
+)
+def test_training_steps_never_read_back_to_the_host(tmp_path, model, nonfinite):
+    train_in_process(
+        *TINY,
+        f"model={model}",
+        f"nonfinite={nonfinite}",
+        "weights=seed",
+        "scheduler=cosine",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=true",
+        "trainer.log_every_n_steps=5",
+        "trainer.limit_train_batches=12",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "+callbacks.no_host_sync._target_=tests.nosync.HostSyncGuard",
+        "+callbacks.no_host_sync.fail=true",
+        output_dir=tmp_path / "run",
+    )
+
+
+def test_the_guard_sees_a_read_in_a_step():
+    # The test above can fail: a step that reads a loss back is caught, with where it was read.
+    found: list = []
+    from tests.nosync import NoHostSync
+
+    with NoHostSync(0, found):
+        loss = torch.ones(3).sum()
+        if loss > 0:
+            loss.tolist()
+        torch.tensor([0, 2]).nonzero()
+    assert [what for _, what, _ in found] == ["aten._local_scalar_dense", "aten.nonzero"]
+    assert "test_no_sync.py" in found[0][2]
+    guard = HostSyncGuard()
+    assert guard.report().startswith("0 host syncs")
+
+
+def test_skipped_step_moves_nothing_on_the_device():
+    # found_inf = 1 leaves every parameter, moment and step count as it was; 0 trains.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 1))
+    optimizer = SparseDenseAdam(model, lr=0.1)
+    guard = NonFiniteGuard("skip", [n for n, _ in model.named_parameters()])
+    optimizer.found_inf = guard.found_inf
+
+    def step(poison: bool) -> None:
+        optimizer.zero_grad()
+        out = model(torch.tensor([1, 2, 2, 5])).sum()
+        (out * (float("nan") if poison else 1.0)).backward()
+        guard.gradients([p.grad for p in model.parameters()], step=0)
+        optimizer.step()
+
+    step(poison=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    step(poison=True)
+    assert int(guard.skipped) == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for state, saved in zip(optimizer.state.values(), moments, strict=True):
+        for key, value in state.items():
+            assert torch.equal(value, saved[key]), key
+    step(poison=False)
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
+    assert int(guard.skipped) == 1 and int(guard.first_step) == 0
