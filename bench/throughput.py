@@ -71,7 +71,7 @@ def scheme():
     )
 
 
-def data_module(rows: int, scale: int) -> ImpressionDataModule:
+def data_module(rows: int, scale: int, device: str = "auto") -> ImpressionDataModule:
     data = ImpressionDataModule(
         categorical={k: v * scale for k, v in BUCKETS.items()},
         dense=DENSE,
@@ -79,6 +79,7 @@ def data_module(rows: int, scale: int) -> ImpressionDataModule:
         group_key="user_id",
         simulator=BenchFeed(rows),
         batch_size=BATCH,
+        device=device,
     )
     data.prepare(scheme())
     return data

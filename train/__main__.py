@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> float:
             logger=instantiate(cfg.logger),
             plugins=checkpoint_io.plugins(),
         )
+        data.check_device(trainer.strategy.root_device)  # data.device=cuda on a CUDA run only
         # ckpt_path, or with resume=auto the newest loadable checkpoint of this run folder
         ckpt_path = checkpoint_io.select_checkpoint(
             cfg.resume, cfg.ckpt_path, checkpoint_io.folders(trainer)

@@ -19,10 +19,12 @@ from train.config_checks import (
     is_int,
     is_list,
     number,
+    one_of,
     optional,
     require,
     show,
 )
+from train.data.device import DEVICES
 from train.data.features import DataConfigError, FeatureSpec
 
 MODES = ("memory", "stream", "auto")
@@ -152,6 +154,7 @@ def check_settings(
     num_workers: Any,
     shuffle_buffer: Any,
     worker_start: Any,
+    device: Any,
 ) -> None:
     """The data module's reading settings, each in its domain (`data.<key>=<value>: expected`)."""
     error = DataConfigError
@@ -190,6 +193,7 @@ def check_settings(
             f"data.worker_start={worker_start!r} is not available here: expected one of "
             f"{', '.join(methods)}"
         )
+    require("data.device", device, one_of(*DEVICES), error)
     if simulated and mode == "stream":
         raise error(
             "data.mode=stream reads files; the simulator lives in memory. Write its splits with "

@@ -59,16 +59,26 @@ class TrainBatches(EpochPosition):
     order; every row is used once per epoch. The last global batch is smaller; if it has fewer
     rows than ranks it is dropped (at most world_size - 1 rows an epoch) so no rank gets an
     empty batch. The permutation is re-drawn each epoch from (seed, epoch).
+
+    Batches are sliced on the table's own device (a table resident on the GPU makes GPU
+    batches); `pin` cuts them into pinned host memory, for a host table feeding a CUDA run.
     """
 
     def __init__(
-        self, table: Batch, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        table: Batch,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin: bool = False,
     ) -> None:
         self.table = table
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.pin = pin
         self.epoch = 0
         self.batches_done = 0
 
@@ -87,24 +97,35 @@ class TrainBatches(EpochPosition):
             rows = order[step * global_batch : (step + 1) * global_batch]
             piece = torch.tensor_split(rows, self.world_size)[self.rank]
             self.batches_done += 1
-            yield self.table.index(piece)
+            yield self.table.index(piece, self.pin)
 
 
 class EvalBatches:
     """Evaluation batches in file order: each rank takes a contiguous near-equal share of the
     rows and cuts it into the same number of batches as every other rank, so all rows are
-    scored exactly once across ranks (metrics are then computed over the union)."""
+    scored exactly once across ranks (metrics are then computed over the union). Sliced on the
+    table's device, pinned with `pin` (as `TrainBatches`)."""
 
-    def __init__(self, table: Batch, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
-        rows = torch.arange(len(table))
+    def __init__(
+        self,
+        table: Batch,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin: bool = False,
+    ) -> None:
+        # Indices on the table's device: CUDA's index_select refuses host indices.
+        rows = torch.arange(len(table), device=table.categorical.device)
         share = torch.tensor_split(rows, world_size)[rank]
         self.table = table.index(share) if world_size > 1 else table
         largest = math.ceil(len(table) / world_size)
         self.num_batches = max(1, math.ceil(largest / batch_size))
+        self.pin = pin
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        for piece in torch.tensor_split(torch.arange(len(self.table)), self.num_batches):
-            yield self.table.index(piece)
+        rows = torch.arange(len(self.table), device=self.table.categorical.device)
+        for piece in torch.tensor_split(rows, self.num_batches):
+            yield self.table.index(piece, self.pin)

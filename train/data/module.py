@@ -17,6 +17,7 @@ import torch
 
 from train.data.batch import Batch
 from train.data.config import check_settings, spec_from_config
+from train.data.device import TablePlacement, require_cuda
 from train.data.features import (
     DataError,
     check_ids,
@@ -58,14 +59,15 @@ class TableSource(Protocol):
     def table(self, split: str) -> pa.Table: ...
 
 
-class ImpressionDataModule(L.LightningDataModule):
+class ImpressionDataModule(TablePlacement, L.LightningDataModule):
     """Impressions from files (any fsspec URL) or a simulator.
 
     `mode`: `memory` loads every split into tensors once (batches by indexing: the fast path);
     `stream` reads Parquet row groups / CSV files on the fly in DataLoader workers (memory
     bounded whatever the data size; see `train.data.stream`); `auto` streams when the loaded
     tensors would exceed `memory_limit_gb` (rows from the Parquet footers x bytes per row; CSV
-    counted by file size).
+    counted by file size). `device`: where memory mode keeps the tables on a CUDA run, and
+    pinned batches otherwise (`TablePlacement`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ImpressionDataModule(L.LightningDataModule):
         shuffle_buffer: int = 262_144,
         worker_start: str = "forkserver",
         dense_fill: str = "mean",
+        device: str = "auto",
     ) -> None:
         super().__init__()
         self.spec = spec_from_config(
@@ -113,6 +116,7 @@ class ImpressionDataModule(L.LightningDataModule):
             num_workers=num_workers,
             shuffle_buffer=shuffle_buffer,
             worker_start=worker_start,
+            device=device,
         )
         self.simulator = simulator
         self.table_format = TableFormat(format, delimiter, header, column_names)
@@ -126,6 +130,8 @@ class ImpressionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.worker_start = worker_start
+        self.device, self.target = device, None
+        require_cuda(device, self.mode)  # before any data is read
         self.tables: dict[str, Batch] = {}
         self.units: dict[str, list[Unit]] = {}
         self.files: dict[str, list[FileInfo]] = {}
@@ -387,9 +393,12 @@ class ImpressionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> TrainBatches | StreamTrainBatches:
         if self.mode == "memory":
             rank, world = self._rank()
-            return TrainBatches(self.tables["train"], self.batch_size, self.seed, rank, world)
+            table = self.tables["train"]
+            return TrainBatches(table, self.batch_size, self.seed, rank, world, self.pin(table))
         stream = self._stream("train", True)
-        return StreamTrainBatches(stream, self._workers("train"), self.worker_start)
+        return StreamTrainBatches(
+            stream, self._workers("train"), self.worker_start, pin_memory=self.pin()
+        )
 
     def val_dataloader(self) -> EvalBatches | StreamBatches:
         return self._eval("val")
@@ -399,9 +408,10 @@ class ImpressionDataModule(L.LightningDataModule):
 
     def _eval(self, split: str) -> EvalBatches | StreamBatches:
         if self.mode == "memory":
-            return EvalBatches(self.tables[split], self.eval_batch_size, *self._rank())
+            table = self.tables[split]
+            return EvalBatches(table, self.eval_batch_size, *self._rank(), self.pin(table))
         stream = self._stream(split, False)
-        return StreamBatches(stream, self._workers(split), self.worker_start)
+        return StreamBatches(stream, self._workers(split), self.worker_start, pin_memory=self.pin())
 
 
 def _base_type(kind: pa.DataType) -> pa.DataType:

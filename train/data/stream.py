@@ -397,7 +397,9 @@ def _main_script_hidden() -> Iterator[None]:
 
 class StreamBatches:
     """What the trainer iterates: `len()` batches per pass on every rank, read by a DataLoader
-    over a `StreamDataset` (evaluation: file order, every row once across ranks)."""
+    over a `StreamDataset` (evaluation: file order, every row once across ranks). `pin_memory`
+    (CUDA runs only): batches are pinned as they arrive, so their copies to the GPU are
+    asynchronous."""
 
     def __init__(
         self,
@@ -405,6 +407,7 @@ class StreamBatches:
         num_workers: int = 0,
         worker_start: str = "forkserver",
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if max(1, num_workers) != dataset.workers:
             raise ValueError("stream.workers must be max(1, num_workers)")
@@ -413,6 +416,7 @@ class StreamBatches:
         protocols = {protocol(unit.url) for unit in dataset.units}
         self.context = loader_context(worker_start, protocols) if num_workers > 0 else None
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return self.stream.num_batches
@@ -428,6 +432,7 @@ class StreamBatches:
             multiprocessing_context=self.context,
             worker_init_fn=partial(_init_worker, os.getpid()) if self.num_workers else None,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            pin_memory=self.pin_memory,
         )
         with _main_script_hidden():
             batches = iter(loader)  # starts the workers
