@@ -145,6 +145,8 @@ HARDWARE: dict[str, Rule] = {
     "precision": one_of(*PRECISIONS),
 }
 RESUME = one_of("auto", "false", "no", "never", False)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes (`compile=tower`, train.compile)."""
 RULES: dict[str, Rule] = {
     # The hardware group first: the trainer keys interpolate it, and the user typed these.
     **{f"hardware.{k}": rule for k, rule in HARDWARE.items()},
@@ -191,6 +193,8 @@ RULES: dict[str, Rule] = {
     "callbacks.requeue.check_every_n_steps": integer(1),
     "callbacks.rank_watchdog.timeout_s": number(0.0, low_open=True),
     "callbacks.rank_watchdog.interval_s": number(0.0, low_open=True),
+    "callbacks.compile.mode": one_of(*COMPILE_MODES),
+    "callbacks.compile.dynamic": optional(boolean()),
 }
 METRIC_NAMES = (
     *METRICS,
