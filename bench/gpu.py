@@ -11,6 +11,9 @@ copy). For each batch size: a fresh model, 20 warm-up steps, then `--steps` time
 (across epochs when the data runs out), with the GPU synchronised at both ends. Target:
 >= 10,000,000 rows/s on one H200 at batch 65536. Prints the device, rows/s per batch size and,
 last, `ratio <rows/s at the largest / at the smallest batch>`.
+With `--sync-check` the timed steps run under `torch.cuda.set_sync_debug_mode("error")`: any
+step that makes the GPU wait for the host raises (the steps whose values the logger reads,
+every `log_every_n_steps`, are left out, as in tests/test_no_sync.py).
 Without CUDA it says so and exits with status 1.
 """
 
@@ -46,7 +49,21 @@ class Clock(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def rows_per_s(data, batch_size: int, steps: int, accelerator: str = "gpu") -> float:
+class SyncCheck(L.Callback):
+    """`set_sync_debug_mode("error")` from a step's start to its end, after the warm-up."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        every = trainer.log_every_n_steps
+        if trainer.global_step >= WARMUP and (trainer.global_step + 1) % every:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def rows_per_s(
+    data, batch_size: int, steps: int, accelerator: str = "gpu", sync_check: bool = False
+) -> float:
     data.batch_size = batch_size
     module = job_module(data)
     clock = Clock(torch.cuda.synchronize if accelerator == "gpu" else lambda: None)
@@ -57,7 +74,7 @@ def rows_per_s(data, batch_size: int, steps: int, accelerator: str = "gpu") -> f
         max_steps=WARMUP + steps,
         max_epochs=-1,
         num_sanity_val_steps=0,
-        callbacks=[clock],
+        callbacks=[clock, *([SyncCheck()] if sync_check else [])],
     )
     trainer.fit(module, datamodule=data)
     return steps * batch_size / clock.seconds
@@ -68,6 +85,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 65536])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--sync-check", action="store_true", help="fail on any host sync")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit(
@@ -85,7 +103,7 @@ def main() -> None:
 
     results = {}
     for batch_size in args.batch_sizes:
-        results[batch_size] = rows_per_s(data, batch_size, args.steps)
+        results[batch_size] = rows_per_s(data, batch_size, args.steps, sync_check=args.sync_check)
         print(f"batch {batch_size:>6}: {results[batch_size]:>14,.0f} rows/s")
     sizes = sorted(results)
     print(f"ratio {results[sizes[-1]] / results[sizes[0]]:.2f}")

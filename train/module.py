@@ -206,6 +206,9 @@ class RankingModule(L.LightningModule):
             iter(loop._data_fetcher)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A stop already due is taken before the checkpoint is written (saving reads the device
+        # anyway), so no checkpoint holds the steps after a bad one that a resume would keep.
+        self.guard.check(self._rank())
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         checkpoint[ARTIFACT_KEY] = self.artifact
         checkpoint["skipped_batches"] = self.skipped_batches

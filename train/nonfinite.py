@@ -120,10 +120,14 @@ class NonFiniteGuard:
         if present:
             # The largest |value| of each gradient: NaN or inf if any of it is.
             norms = torch._foreach_norm([g for _, g in present], float("inf"))
-            positions = tuple(i for i, _ in present)
-            if positions not in self._index:  # made once: a host-to-device copy waits
-                self._index[positions] = torch.tensor(positions, device=device)
-            bad_grads[self._index[positions]] = ~torch.isfinite(torch.stack(norms))
+            bad_present = ~torch.isfinite(torch.stack(norms))
+            if len(present) == len(self.names):
+                bad_grads = bad_present
+            else:
+                positions = tuple(i for i, _ in present)
+                if positions not in self._index:  # made once: a host-to-device copy waits
+                    self._index[positions] = torch.tensor(positions, device=device)
+                bad_grads[self._index[positions]] = bad_present
         skip = self.loss_bad | bad_grads.any()
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)
