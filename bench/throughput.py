@@ -12,13 +12,14 @@ backward and fused Adam, as many steps as an epoch has: what the dense tower cos
 Then the job again with every bucket count x10. Every arm runs `--repeat` times (the issue asks
 for the median of 3 runs); prints median rows/s, `job/mlp-only <x>` and, last,
 `ratio <job/raw>` (medians of the per-repeat ratios, which a shared machine's load disturbs
-least).
+least). Each run's figure also goes to stderr as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import lightning as L
@@ -209,9 +210,11 @@ def main() -> None:
         "job (buckets x10)": lambda: job_rows_per_s(data10),
     }
     runs: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(args.repeat):  # every arm once per round: load drifts hit them alike
+    for turn in range(args.repeat):  # every arm once per round: load drifts hit them alike
         for name, arm in arms.items():
             runs[name].append(arm())
+            # Progress on stderr: a long run under load shows where it is; stdout stays figures.
+            print(f"round {turn + 1}: {name}: {runs[name][-1]:,.0f} rows/s", file=sys.stderr)
     med = {name: statistics.median(r) for name, r in runs.items()}
 
     def ratio(a: str, b: str) -> float:
