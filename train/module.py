@@ -121,15 +121,16 @@ class RankingModule(L.LightningModule):
         denominator = total[outputs : 2 * outputs].clamp_min(torch.finfo(torch.float32).tiny)
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = (weighted.sum(0) / denominator).sum() * self.trainer.world_size
-        # Not on the progress bar: Lightning turns every progress-bar value into a Python number
-        # after every step, a host read; loggers read it every `log_every_n_steps`.
-        self.log("train/loss", (total[:outputs] / denominator).sum())
+        # Only on the steps the logger writes (`self.log` costs ~1 ms of Python a call), and not
+        # on the progress bar: Lightning turns its values into Python numbers after every step.
+        if self._logging_step():
+            self.log("train/loss", (total[:outputs] / denominator).sum())
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are all-reduced by now (identical on every rank): no extra collective.
         skip = self.guard.gradients([p.grad for p in self.parameters()], self.global_step)
-        if self.nonfinite == "skip":
+        if self.nonfinite == "skip" and self._logging_step():
             self.log("train/skipped_batches", self.guard.skipped.float())
         if getattr(optimizer, "skips_on_device", False):
             optimizer.found_inf = self.guard.found_inf  # type: ignore[attr-defined]
@@ -142,10 +143,13 @@ class RankingModule(L.LightningModule):
                 param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        # On the steps whose values Lightning's logger reads (global_step has counted this one).
-        every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0:
+        if self._logging_step():  # the logger reads the device now anyway
             self.guard.check(self._rank())
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning's logger writes this training step (every `log_every_n_steps`, and
+        when stopping): its own rule, which holds from the batch's start to its end."""
+        return self._trainer is not None and self.trainer._logger_connector.should_update_logs
 
     def on_train_epoch_end(self) -> None:
         self.guard.check(self._rank())
