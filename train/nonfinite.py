@@ -118,8 +118,9 @@ class NonFiniteGuard:
         device = self.loss_bad.device
         bad_grads = torch.zeros(len(self.names), dtype=torch.bool, device=device)
         if present:
-            # The largest |value| of each gradient: NaN or inf if any of it is.
-            norms = torch._foreach_norm([g for _, g in present], float("inf"))
+            # Each gradient's 2-norm accumulated in float64 (no float32 value can overflow it):
+            # finite exactly when every value is. One fused pass (the inf-norm takes 3x longer).
+            norms = torch._foreach_norm([g for _, g in present], 2, dtype=torch.float64)
             bad_present = ~torch.isfinite(torch.stack(norms))
             if len(present) == len(self.names):
                 bad_grads = bad_present
