@@ -384,7 +384,10 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
     run_job(
         *overrides,
         *TINY,
-        "trainer.max_epochs=2",
+        # Long enough (~2 s an epoch) that the runs' training overlaps whatever the skew of
+        # their starts (a few seconds on a loaded machine): 2 epochs once did not.
+        "trainer.max_epochs=5",
+        "callbacks.early_stopping=null",
         f"hydra.sweep.dir={folder}",
         cwd=tmp_path,
         check=True,
