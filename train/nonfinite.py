@@ -37,6 +37,16 @@ FACTS = (
     "dense",
 )
 """What the error message says of the first bad batch, in this order."""
+FLAGS = (
+    "loss_bad",
+    "skipped",
+    "first_step",
+    "first_kind",
+    "first_rows",
+    "first_facts",
+    "first_grads",
+)
+"""The guard's tensors besides `found_inf` (which moves in place)."""
 
 
 class NonFiniteError(SystemExit):
@@ -70,10 +80,8 @@ class NonFiniteGuard:
         """Moves the flags (in place, so an optimizer keeps holding `found_inf`)."""
         if self.device == device:
             return
-        for name in ("loss_bad", "skipped", "first_step", "first_kind", "first_rows"):
+        for name in FLAGS:
             setattr(self, name, getattr(self, name).to(device))
-        self.first_facts = self.first_facts.to(device)
-        self.first_grads = self.first_grads.to(device)
         self.found_inf.data = self.found_inf.data.to(device)
         self._index.clear()
         self.device = device
@@ -89,7 +97,7 @@ class NonFiniteGuard:
     ) -> None:
         """Records a bad loss (`bad`: a 0-d bool, alike on every rank) with its batch's facts."""
         self.to(bad.device)
-        self.loss_bad = bad
+        self.loss_bad = self.loss_bad | bad  # any micro-batch of an accumulated step
         finite = torch.isfinite(weight)
         facts = torch.stack(
             [
