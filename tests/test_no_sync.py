@@ -90,3 +90,13 @@ def test_skipped_step_moves_nothing_on_the_device():
     step(poison=False)
     assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
     assert int(guard.skipped) == 1 and int(guard.first_step) == 0
+
+
+def test_the_bad_gradient_is_named_when_some_parameters_have_none():
+    # Parameters without a gradient (unused, frozen) keep their place in the flags.
+    guard = NonFiniteGuard("stop", ["a", "b", "c"])
+    sparse = torch.sparse_coo_tensor([[0, 2]], torch.tensor([[1.0], [float("inf")]]), (4, 1))
+    skip = guard.gradients([None, sparse, torch.ones(3)], step=7)
+    assert bool(skip) and guard.first_grads.tolist() == [False, True, False]
+    with pytest.raises(SystemExit, match=r"non-finite gradient at global step 7 in b\."):
+        guard.check()

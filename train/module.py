@@ -121,7 +121,7 @@ class RankingModule(L.LightningModule):
         denominator = total[outputs : 2 * outputs].clamp_min(torch.finfo(torch.float32).tiny)
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         loss = (weighted.sum(0) / denominator).sum() * self.trainer.world_size
-        # Only on the steps the logger writes (`self.log` costs ~1 ms of Python a call), and not
+        # Only on the steps the logger writes (`self.log` is Python work on every call), and not
         # on the progress bar: Lightning turns its values into Python numbers after every step.
         if self._logging_step():
             self.log("train/loss", (total[:outputs] / denominator).sum())

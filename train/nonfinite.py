@@ -25,6 +25,7 @@ from torch import Tensor
 
 MODES = ("stop", "skip")
 FACTS = (
+    "rows",
     "weight_sum",
     "weight_min",
     "weight_max",
@@ -42,7 +43,6 @@ FLAGS = (
     "skipped",
     "first_step",
     "first_kind",
-    "first_rows",
     "first_facts",
     "first_grads",
 )
@@ -71,10 +71,8 @@ class NonFiniteGuard:
         self.skipped = torch.zeros((), dtype=torch.int64)
         self.first_step = torch.full((), -1, dtype=torch.int64)
         self.first_kind = torch.zeros((), dtype=torch.int64)  # 1 the loss, 2 a gradient
-        self.first_rows = torch.zeros((), dtype=torch.int64)
         self.first_facts = torch.zeros(len(FACTS), dtype=torch.float64)
         self.first_grads = torch.zeros(len(self.names), dtype=torch.bool)
-        self._index: dict[tuple[int, ...], Tensor] = {}
 
     def to(self, device: torch.device) -> None:
         """Moves the flags (in place, so an optimizer keeps holding `found_inf`)."""
@@ -83,7 +81,6 @@ class NonFiniteGuard:
         for name in FLAGS:
             setattr(self, name, getattr(self, name).to(device))
         self.found_inf.data = self.found_inf.data.to(device)
-        self._index.clear()
         self.device = device
 
     def loss(
@@ -101,6 +98,7 @@ class NonFiniteGuard:
         finite = torch.isfinite(weight)
         facts = torch.stack(
             [
+                _constant(len(weight), bad.device),
                 weight.sum().double(),
                 torch.where(finite, weight, torch.inf).min().double(),
                 torch.where(finite, weight, -torch.inf).max().double(),
@@ -113,45 +111,37 @@ class NonFiniteGuard:
                 _constant(dense.numel(), bad.device),
             ]
         )
-        self._first(bad, step, 1, facts, rows=len(weight))
+        self._first(bad, step, 1, facts)
 
     def gradients(self, grads: Sequence[Tensor | None], step: int) -> Tensor:
         """Whether this step must be skipped (a 0-d bool): a bad loss or any non-finite gradient
         (`grads` in the order of `parameter_names`; sparse ones by their values)."""
-        present = [
-            (i, g._values() if g.is_sparse else g) for i, g in enumerate(grads) if g is not None
-        ]
+        present = [g._values() if g.is_sparse else g for g in grads if g is not None]
         if present:
-            self.to(present[0][1].device)
-        device = self.loss_bad.device
-        bad_grads = torch.zeros(len(self.names), dtype=torch.bool, device=device)
-        if present:
-            # Each gradient's 2-norm accumulated in float64 (no float32 value can overflow it):
-            # finite exactly when every value is. One fused pass (the inf-norm takes 3x longer).
-            norms = torch._foreach_norm([g for _, g in present], 2, dtype=torch.float64)
-            bad_present = ~torch.isfinite(torch.stack(norms))
-            if len(present) == len(self.names):
-                bad_grads = bad_present
-            else:
-                positions = tuple(i for i, _ in present)
-                if positions not in self._index:  # made once: a host-to-device copy waits
-                    self._index[positions] = torch.tensor(positions, device=device)
-                bad_grads[self._index[positions]] = bad_present
+            self.to(present[0].device)
+        # Each gradient's 2-norm accumulated in float64 (no float32 value can overflow it):
+        # finite exactly when every value is; one fused pass over all of them.
+        norms = iter(torch._foreach_norm(present, 2, dtype=torch.float64) if present else [])
+        zero = torch.zeros((), dtype=torch.float64, device=self.loss_bad.device)
+        bad_grads = ~torch.isfinite(
+            torch.stack([zero if g is None else next(norms) for g in grads])
+        )
         skip = self.loss_bad | bad_grads.any()
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)
-        self._first(skip, step, 2, self.first_facts, rows=0)
+        self._first(skip, step, 2)
         self.found_inf.copy_(skip)
         self.skipped += skip
         self.loss_bad = torch.zeros_like(self.loss_bad)
         return skip
 
-    def _first(self, bad: Tensor, step: int, kind: int, facts: Tensor, rows: int) -> None:
+    def _first(self, bad: Tensor, step: int, kind: int, facts: Tensor | None = None) -> None:
+        """Keeps the first bad step's number, kind (and the batch's facts, for a bad loss)."""
         fresh = bad & (self.first_step < 0)
         self.first_step = torch.where(fresh, step, self.first_step)
         self.first_kind = torch.where(fresh, kind, self.first_kind)
-        self.first_rows = torch.where(fresh & (rows > 0), rows, self.first_rows)
-        self.first_facts = torch.where(fresh, facts, self.first_facts)
+        if facts is not None:
+            self.first_facts = torch.where(fresh, facts, self.first_facts)
 
     def check(self, rank: int | None = None) -> None:
         """With `nonfinite=stop`, raises `NonFiniteError` if a step was bad (one host read)."""
@@ -165,7 +155,7 @@ class NonFiniteGuard:
             facts = dict(zip(FACTS, self.first_facts.tolist(), strict=True))
             raise NonFiniteError(
                 f"error: non-finite training loss at global step {step}{where}; batch: "
-                f"{int(self.first_rows)} rows, weight sum {facts['weight_sum']:.6g} "
+                f"{int(facts['rows'])} rows, weight sum {facts['weight_sum']:.6g} "
                 f"min {_finite_or_nan(facts['weight_min']):.6g} "
                 f"max {_finite_or_nan(facts['weight_max']):.6g} "
                 f"({int(facts['nonfinite_weights'])} non-finite), "
