@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from train.checkpoint import build_network, load
-from train.data.features import model_inputs
+from train.data.features import FeatureSpec, model_inputs
 from train.data.synthetic import FeedSimulator
 from train.layout import ARTIFACT_FORMAT
 from train.predict import predict
@@ -47,7 +47,7 @@ MODEL |= {"hidden": [256, 128, 64], "dropout": 0.0, "activation": "relu"}
 
 def write_checkpoint(path: Path, dense_mean: list[float], dense_std: list[float]) -> None:
     """A checkpoint in the layout `python -m train` writes, of a freshly initialised DNN."""
-    network = build_network(MODEL, list(SPEC["categorical"].values()), len(SPEC["dense"]), "bench")
+    network = build_network(MODEL, FeatureSpec(**SPEC), "bench")
     state = {f"model.{k}": v for k, v in network.state_dict().items()}
     state |= {
         "preprocess.mean": torch.tensor(dense_mean),
@@ -96,7 +96,7 @@ def main() -> None:
 
         checkpoint = load(str(ckpt))
         scorer = checkpoint.scorer.eval()
-        categorical, dense_in = model_inputs(table, checkpoint.spec, "bench")
+        categorical, dense_in, _ = model_inputs(table, checkpoint.spec, "bench")
 
         def raw() -> None:
             with torch.inference_mode():

@@ -198,14 +198,13 @@ def write_checkpoint(
     `legacy=True`: the layout of format-1 files written before `train.preprocess` (statistics
     under `dense_mean`/`dense_std`, the fill rule beside the spec instead of in it)."""
     from train.checkpoint import build_network
+    from train.data.features import FeatureSpec
 
     spec = dict(spec or SPEC)
     config = {"_target_": target, "_partial_": True, "hidden": [16, 8], "embedding_dim": 4}
     config |= model
     torch.manual_seed(seed)
-    network = build_network(
-        config, list(spec["categorical"].values()), len(spec["dense"]), "test", ["tests."]
-    )
+    network = build_network(config, FeatureSpec(**spec), "test", ["tests."])
     dense = len(spec["dense"])
     mean = torch.linspace(10.0, 20.0, dense)
     std = torch.linspace(2.0, 5.0, dense)

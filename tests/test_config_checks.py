@@ -135,9 +135,27 @@ CONFIG_CASES: dict[str, Case] = {
     # data: roles
     "buckets 1": Case(dotted(**{"data.categorical.video_id": "1"}), ("data.categorical.video_id=1: expected an integer >= 2",)),
     "buckets text": Case(dotted(**{"data.categorical.video_id": "lots"}), ("data.categorical.video_id='lots'",)),
-    "categorical as a list": Case(
-        dotted(data__categorical=DROP), ("data.categorical=['user_id', 'video_id']", "mapping column -> hash buckets"),
-        extra=("data.categorical=[user_id,video_id]",),
+    "categorical a number": Case(
+        dotted(data__categorical=DROP), ("data.categorical=5", "a list of columns", "a mapping column -> hash buckets"),
+        extra=("data.categorical=5",),
+    ),
+    "categorical list entry a list": Case(
+        dotted(data__categorical=DROP), ("data.categorical: entry ['video_id']", "neither a column name"),
+        extra=("data.categorical=[user_id,[video_id]]",),
+    ),
+    "sequence table unknown": Case(
+        dotted(data__sequences="{hist: {table: vid, max_len: 3}}"), ("data.sequences.hist.table='vid'", "a column of data.categorical"),
+    ),
+    "sequence max_len 0": Case(
+        dotted(data__sequences="{hist: {table: video_id, max_len: 0}}"), ("data.sequences.hist.max_len=0", "integer >= 1"),
+    ),
+    "sequence pooling": Case(
+        dotted(data__sequences="{hist: {table: video_id, max_len: 3, pooling: max}}"), ("data.sequences.hist.pooling='max'", "mean, sum, attention"),
+    ),
+    "sequence not a mapping": Case(dotted(data__sequences="[hist]"), ("data.sequences=['hist']", "expected a mapping")),
+    "list column holds scalars": Case(
+        dotted(data__dense="[]", data__sequences="{x: {buckets: 10, max_len: 3, pooling: sum}}"),
+        ("good.parquet", "list column 'x' (data.sequences.x) has type double", "expected a list"),
     ),
     "dense as a string": Case(dotted(data__dense="x"), ("data.dense='x': expected a list of column names",)),
     "dense twice": Case(dotted(data__dense="[x,x]"), ("data.dense=['x', 'x']", "distinct", "['x'] twice")),
@@ -469,7 +487,7 @@ def test_a_partial_config_is_checked_for_what_it_has(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"categorical": ["user_id"]}, r"data.categorical=\['user_id'\]: expected a mapping"),
+        ({"categorical": 3}, r"data.categorical=3: expected a list of columns"),
         ({"categorical": {"user_id": 2.5}}, r"data.categorical.user_id=2.5: expected an integer"),
         ({"categorical": {"user_id": True}}, r"data.categorical.user_id=True"),
         ({"dense": "x"}, r"data.dense='x': expected a list"),

@@ -37,7 +37,7 @@ def module_for(spec: dict, model: dict | None = None, seed: int = 1) -> RankingM
     """The module `python -m train` would build for this spec and model config (fresh weights)."""
     torch.manual_seed(seed)
     config = model or MODEL
-    network = build_network(config, list(spec["categorical"].values()), len(spec["dense"]), "t")
+    network = build_network(config, FeatureSpec(**spec), "t")
     features = FeatureSpec(**spec)
     return RankingModule(
         network,

@@ -41,11 +41,12 @@ def train(cfg: DictConfig) -> float:
         scheme = instantiate(cfg.weights)
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)
-        model = instantiate(cfg.model)(data.spec.cardinalities, len(data.spec.dense))
+        spec = data.spec  # with the vocabularies of the training split
+        model = instantiate(cfg.model)(spec.cardinalities, len(spec.dense), **spec.network_options)
         module = RankingModule(
             model,
             scheme,
-            data.spec,
+            spec,
             stats,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> float:
             model_config=container(cfg.model),
         )
         if cfg.init_from:  # weights only, checked against this run's model
-            print(warmstart.init_from(module, cfg.init_from, data.spec, container(cfg.model)))
+            print(warmstart.init_from(module, cfg.init_from, spec, container(cfg.model)))
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer: L.Trainer = instantiate(
             cfg.trainer,

@@ -21,6 +21,7 @@ from torch import nn
 from train.data.features import FeatureSpec
 from train.errors import UpweightError
 from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY
+from train.model import network_logits
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.secrets import safe_url, scrub
 
@@ -115,8 +116,8 @@ def feature_spec(artifact: Mapping[str, Any], where: str) -> FeatureSpec:
     fields = dict(artifact["spec"])
     fields.setdefault("dense_fill", artifact.get("dense_fill", "mean"))
     try:
-        return FeatureSpec(**fields)
-    except (TypeError, ValueError) as err:
+        return FeatureSpec.from_state(fields)
+    except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where}: upweight.spec is not a valid feature spec: {err}") from err
 
 
@@ -129,24 +130,21 @@ def load(
     where = f"ckpt={safe_url(url)}"
     _, artifact, state = contents(url, storage_options, where)
     spec = feature_spec(artifact, where)
-    network = build_network(
-        artifact["model"], spec.cardinalities, len(spec.dense), where, trusted_models
-    )
+    network = build_network(artifact["model"], spec, where, trusted_models)
     load_weights(network, state, where)
     mean, std = dense_stats(state, artifact, len(spec.dense), where)
-    scorer = Scorer(network, len(spec.categorical), DensePreprocess(mean, std, spec.dense_fill))
+    scorer = Scorer(network, spec, DensePreprocess(mean, std, spec.dense_fill))
     return Checkpoint(source=url, spec=spec, scorer=scorer.eval(), artifact=artifact)
 
 
 def build_network(
     config: Mapping[str, Any],
-    cardinalities: Sequence[int],
-    num_dense: int,
+    spec: FeatureSpec,
     where: str,
     trusted_models: Sequence[str] = (),
 ) -> nn.Module:
-    """`instantiate(model_config)(cardinalities, num_dense)`, as `python -m train` does, but
-    only for an `nn.Module` class from a trusted package: the config comes from the file."""
+    """`instantiate(model_config)(cardinalities, num_dense, ...)`, as `python -m train` does,
+    but only for an `nn.Module` class from a trusted package: the config comes from the file."""
     target = config.get("_target_")
     if not isinstance(target, str) or "." not in target:
         raise CheckpointError(f"{where}: upweight.model._target_ is {target!r}; expected a class")
@@ -169,7 +167,7 @@ def build_network(
         raise CheckpointError(f"{where}: refused model {target!r}: not an nn.Module class")
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
-        return cls(list(cardinalities), num_dense, **kwargs)
+        return cls(spec.cardinalities, len(spec.dense), **spec.network_options, **kwargs)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: cannot build {target} from upweight.model: {err}") from err
 
@@ -222,7 +220,8 @@ def dense_stats(
 
 
 class Scorer(nn.Module):
-    """(hashed ids, raw dense) -> probabilities [rows, outputs]; what predict and export run.
+    """(ids as table rows, raw dense[, list columns]) -> probabilities [rows, outputs]; what
+    predict and export run.
 
     Dense inputs go through the same `DensePreprocess` as in training. A network returns one
     logit per row, or [rows, heads] logits for a multi-head model; then its `heads` attribute
@@ -230,19 +229,23 @@ class Scorer(nn.Module):
     score (default: the first head's probability).
     """
 
-    def __init__(
-        self, network: nn.Module, num_categorical: int, preprocess: DensePreprocess
-    ) -> None:
+    def __init__(self, network: nn.Module, spec: FeatureSpec, preprocess: DensePreprocess) -> None:
         super().__init__()
         self.network = network
         self.preprocess = preprocess
-        self.outputs = self._output_names(num_categorical)
+        self.list_width = sum(s.max_len for s in spec.sequences.values())
+        """Columns of the `sequences` input (0: the network takes none)."""
+        self.outputs = self._output_names(len(spec.categorical))
 
-    def logits(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.network(categorical, self.preprocess(dense))
+    def logits(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return network_logits(self.network, categorical, self.preprocess(dense), sequences)
 
-    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(categorical, dense).float()
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = self.logits(categorical, dense, sequences).float()
         if logits.dim() == 1:
             return torch.sigmoid(logits).unsqueeze(1)
         probs = torch.sigmoid(logits)
@@ -258,6 +261,7 @@ class Scorer(nn.Module):
             out = self.logits(
                 torch.zeros(2, num_categorical, dtype=torch.long),
                 torch.zeros(2, len(self.preprocess.mean)),
+                torch.zeros(2, self.list_width, dtype=torch.long) if self.list_width else None,
             )
         self.network.train(was_training)
         if out.dim() == 1:

@@ -1,11 +1,12 @@
-"""Ranking networks: plain `nn.Module`s that map (hashed ids, standardised dense features) to one
-logit per impression (`MultiHead`: one per behaviour). No Lightning, no config types: any module
-with this call signature plugs in through `conf/model/` (the trainer passes `cardinalities` and
-`num_dense`)."""
+"""Ranking networks: plain `nn.Module`s that map (ids as table rows, standardised dense features,
+list columns) to one logit per impression (`MultiHead`: one per behaviour). No Lightning, no
+config types: any module with this call signature plugs in through `conf/model/` (the trainer
+passes `cardinalities` and `num_dense`, and `sequences` when the data has list columns)."""
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config_checks import boolean, integer, ints, number, one_of, require
+from train.data.batch import SequenceInput
 from train.errors import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -26,31 +28,118 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-class HashedEmbeddings(nn.Module):
-    """One embedding row per hash bucket of every categorical feature, in a single table.
+class FeatureEmbeddings(nn.Module):
+    """Every id's embedding row (a hash bucket or a vocabulary index of each table) in one
+    table, and every list column pooled into one vector: fields [rows, C + S, dim] for C
+    categorical columns and S list columns (`SequenceInput`).
 
-    One table (with per-feature offsets) makes the lookup a single kernel. With `sparse=True` the
+    One table (with per-table offsets) makes each lookup a single kernel. With `sparse=True` the
     backward pass yields a sparse gradient holding only the rows a batch touched, so the optimizer
-    and the DDP all-reduce cost scales with the batch, not with the bucket counts.
+    and the DDP all-reduce cost scales with the batch, not with the table sizes. Lists are
+    pooled without a loop over rows: `mean` and `sum` in one `embedding_bag` per list column
+    (padding weighs 0), `attention` as DIN's target attention (a small MLP scores each element
+    against the candidate's embedding from the same table; a softmax over the row's elements).
+    A row whose list is empty or null pools to zeros.
     """
 
-    def __init__(self, cardinalities: Sequence[int], dim: int, sparse: bool = True) -> None:
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        dim: int,
+        sparse: bool = True,
+        sequences: Sequence[SequenceInput | Mapping[str, Any]] = (),
+        attention_hidden: int = 32,
+    ) -> None:
         super().__init__()
+        self.sequences = [
+            s if isinstance(s, SequenceInput) else SequenceInput(**s) for s in sequences
+        ]
+        self.num_categorical = len(cardinalities) - sum(s.own_table for s in self.sequences)
         if not cardinalities:
             raise ConfigError(
                 "data.categorical={}: expected at least one categorical feature column "
-                "(column -> hash buckets): the network embeds hashed ids"
+                "(column -> hash buckets): the network embeds ids"
             )
         offsets = torch.tensor([0, *list(cardinalities)[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.cardinalities = list(cardinalities)
+        self.dim = dim
         self.table = nn.Embedding(sum(cardinalities), dim, sparse=sparse)
         # Small init: with hundreds of thousands of rarely-seen rows, N(0, 1) rows would add
         # noise that dominates the first epochs.
         nn.init.normal_(self.table.weight, std=0.01)
+        self.attention = nn.ModuleDict(
+            {
+                str(i): nn.Sequential(
+                    nn.Linear(4 * dim, attention_hidden), nn.ReLU(), nn.Linear(attention_hidden, 1)
+                )
+                for i, s in enumerate(self.sequences)
+                if s.pooling == "attention"
+            }
+        )
+        bounds = torch.tensor([0, *[s.max_len for s in self.sequences]]).cumsum(0).tolist()
+        self.slices = list(itertools.pairwise(bounds))
 
-    def forward(self, categorical: torch.Tensor) -> torch.Tensor:
-        return self.table(categorical + self.offsets)
+    @property
+    def num_fields(self) -> int:
+        return self.num_categorical + len(self.sequences)
+
+    def forward(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fields = self.table(categorical + self.offsets[: self.num_categorical])
+        if not self.sequences:
+            return fields
+        if sequences is None:
+            raise ValueError("this network pools list columns: expected `sequences`")
+        pooled = [
+            self._pool(i, spec, sequences[:, a:b], fields)
+            for i, (spec, (a, b)) in enumerate(zip(self.sequences, self.slices, strict=True))
+        ]
+        return torch.cat([fields, torch.stack(pooled, dim=1)], dim=1)
+
+    def _pool(
+        self, i: int, spec: SequenceInput, local: torch.Tensor, fields: torch.Tensor
+    ) -> torch.Tensor:
+        present = local > 0  # 0: padding or a null element
+        rows = local + self.offsets[spec.table]
+        if spec.pooling != "attention":
+            weight = present.to(self.table.weight.dtype)
+            if spec.pooling == "mean":
+                weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
+            return F.embedding_bag(
+                rows,
+                self.table.weight,
+                mode="sum",
+                per_sample_weights=weight,
+                sparse=self.table.sparse,
+            )
+        keys = self.table(rows)  # [rows, L, dim]
+        query = fields[:, spec.candidate].unsqueeze(1).expand_as(keys)
+        scores = self.attention[str(i)](
+            torch.cat([keys, query, keys * query, keys - query], dim=-1)
+        ).squeeze(-1)
+        scores = scores.masked_fill(~present, torch.finfo(scores.dtype).min)
+        # An empty row's softmax is uniform over padding: the mask zeroes it.
+        weight = torch.softmax(scores, dim=1) * present
+        return (weight.unsqueeze(-1) * keys).sum(1)
+
+
+def network_logits(
+    network: nn.Module,
+    categorical: torch.Tensor,
+    dense: torch.Tensor,
+    sequences: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Call a ranking network; `sequences` only when the data has list columns, so a network
+    written before them (two arguments) still plugs in without."""
+    if sequences is None:
+        return network(categorical, dense)
+    return network(categorical, dense, sequences)
+
+
+HashedEmbeddings = FeatureEmbeddings
+"""The name before list columns joined (networks written against it keep working)."""
 
 
 class DNN(nn.Module):
@@ -65,11 +154,14 @@ class DNN(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
     ) -> None:
         super().__init__()
         check_options(embedding_dim, hidden, dropout, activation, sparse_embeddings)
-        self.embeddings = HashedEmbeddings(cardinalities, embedding_dim, sparse_embeddings)
-        width = len(cardinalities) * embedding_dim + num_dense
+        self.embeddings = FeatureEmbeddings(
+            cardinalities, embedding_dim, sparse_embeddings, sequences
+        )
+        width = self.embeddings.num_fields * embedding_dim + num_dense
         layers: list[nn.Module] = []
         for size in hidden:
             layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
@@ -82,8 +174,10 @@ class DNN(nn.Module):
         """The `model` config's values, checked without building the network."""
         check_config({**config, "_target_": "train.model.DNN"})
 
-    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1)
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = torch.cat([self.embeddings(categorical, sequences).flatten(1), dense], dim=1)
         return self.mlp(x).squeeze(1)
 
 
@@ -109,6 +203,7 @@ class MultiHead(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
     ) -> None:
         super().__init__()
         if isinstance(heads, str) or not isinstance(heads, Sequence):
@@ -123,7 +218,9 @@ class MultiHead(nn.Module):
         # checkpoint can be scored or warm-started under another fusion.
         alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
         self.register_buffer("alpha", alpha, persistent=False)
-        self.embeddings = HashedEmbeddings(cardinalities, embedding_dim, sparse_embeddings)
+        self.embeddings = FeatureEmbeddings(
+            cardinalities, embedding_dim, sparse_embeddings, sequences
+        )
 
         def mlp(width: int, sizes: Sequence[int]) -> tuple[list[nn.Module], int]:
             layers: list[nn.Module] = []
@@ -132,7 +229,7 @@ class MultiHead(nn.Module):
                 width = size
             return layers, width
 
-        layers, width = mlp(len(cardinalities) * embedding_dim + num_dense, hidden)
+        layers, width = mlp(self.embeddings.num_fields * embedding_dim + num_dense, hidden)
         self.trunk = nn.Sequential(*layers)
         towers = []
         for _ in self.heads:
@@ -145,8 +242,11 @@ class MultiHead(nn.Module):
         """The `model` config's values, checked without building the network."""
         check_config({**config, "_target_": "train.model.MultiHead"})
 
-    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        x = self.trunk(torch.cat([self.embeddings(categorical).flatten(1), dense], dim=1))
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fields = self.embeddings(categorical, sequences).flatten(1)
+        x = self.trunk(torch.cat([fields, dense], dim=1))
         return torch.cat([tower(x) for tower in self.towers], dim=1)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:

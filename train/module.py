@@ -17,7 +17,7 @@ from train.data.stats import TrainStats
 from train.heads import PerHeadBCE
 from train.layout import ARTIFACT_KEY
 from train.metrics import BehaviourMetrics
-from train.model import check_fusion
+from train.model import check_fusion, network_logits
 from train.nonfinite import NonFiniteGuard
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
@@ -99,13 +99,15 @@ class RankingModule(L.LightningModule):
     def skipped_batches(self) -> int:
         return int(self.guard.skipped)  # a host read: checkpoints and tests only
 
-    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw features in, logits out: the preprocessing travels with the model."""
-        return self.model(categorical, self.preprocess(dense))
+        return network_logits(self.model, categorical, self.preprocess(dense), sequences)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # Nothing here reads a value back to the host: a GPU runs ahead of Python all step.
-        logits = self(batch.categorical, batch.dense)
+        logits = self(batch.categorical, batch.dense, batch.sequences)
         rows = len(batch.behaviours)
         label, weight = self.objective.targets(batch.behaviours)
         weighted, summed = loss_sums(logits.reshape(rows, -1), label, weight)
@@ -164,7 +166,7 @@ class RankingModule(L.LightningModule):
         self._update("test", batch)
 
     def _update(self, split: str, batch: Batch) -> None:
-        probs = torch.sigmoid(self(batch.categorical, batch.dense).float())
+        probs = torch.sigmoid(self(batch.categorical, batch.dense, batch.sequences).float())
         self.objective.update(split, probs, batch)
         self.metrics[split].update(
             self.objective.score(probs),

@@ -48,7 +48,7 @@ def artifact(model_config: Mapping[str, Any], spec: Any, stats: Any, scheme: Any
     return {
         "format": ARTIFACT_FORMAT,
         "model": dict(model_config),
-        "spec": _plain(asdict(spec)),
+        "spec": spec.state(),
         "stats": asdict(stats),
         "scheme": {"describe": scheme.describe(), **_plain(asdict(scheme))},
     }

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
@@ -105,6 +105,8 @@ def predict(
     device = _resolve_device(device)
     # Read the checkpoint first: a bad one fails before anything is listed or written.
     checkpoint = load(ckpt, storage_options, trusted_models)
+    # The list columns are the checkpoint's: CSV cells of them are split as in training.
+    table_format = replace(table_format, list_columns=tuple(checkpoint.spec.sequences))
     clash = [k for k in keep if k in checkpoint.scorer.outputs]
     if clash or len(set(keep)) != len(keep):
         raise PredictError(
@@ -176,7 +178,7 @@ def score_job(
         scorer, spec = checkpoint.scorer, checkpoint.spec
     scorer = scorer.to(job.device).eval()
     outputs: list[str] = list(scorer.outputs)
-    columns = list(dict.fromkeys([*spec.categorical, *spec.dense, *job.keep]))
+    columns = list(dict.fromkeys([*spec.categorical, *spec.sequences, *spec.dense, *job.keep]))
     inputs = (
         (piece.url, table, *model_inputs(table, spec, safe_url(piece.url)))
         for piece in job.pieces
@@ -189,9 +191,11 @@ def score_job(
     with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as background:
         written: Future | None = None
         try:
-            for source, table, categorical, dense in ahead(inputs):
+            for source, table, categorical, dense, sequences in ahead(inputs):
+                if sequences is not None:
+                    sequences = sequences.to(job.device)
                 with torch.inference_mode():
-                    probs = scorer(categorical.to(job.device), dense.to(job.device))
+                    probs = scorer(categorical.to(job.device), dense.to(job.device), sequences)
                 probs = probs.float().cpu().numpy()
                 result = {k: table.column(k) for k in job.keep}
                 result |= {name: pa.array(probs[:, j]) for j, name in enumerate(outputs)}
@@ -344,7 +348,11 @@ def main(cfg: DictConfig) -> None:
             procs=cfg.procs,
             device=cfg.device,
             table_format=TableFormat(
-                data["format"], data["delimiter"], data["header"], tuple(data["column_names"])
+                data["format"],
+                data["delimiter"],
+                data["header"],
+                tuple(data["column_names"]),
+                data.get("list_delimiter", "|"),
             ),
             storage_options=options,
             data_storage_options=data["storage_options"],

@@ -7,6 +7,26 @@ from dataclasses import dataclass, fields
 
 import torch
 
+POOLINGS = ("mean", "sum", "attention")
+"""How a list column becomes one vector: the mean or sum of its elements' embeddings, or
+target attention against the candidate's embedding from the same table (DIN-style)."""
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """What a network needs to know of one list column of `Batch.sequences`: the embedding
+    table its elements index (a position in the network's `cardinalities`), how many slots it
+    takes, and how it is pooled. `candidate`: for attention, the categorical column (its index
+    in `Batch.categorical`) whose embedding the elements attend to; None otherwise.
+    `own_table`: the table is the list's own (after the categorical columns' tables), not a
+    categorical column's."""
+
+    table: int
+    max_len: int
+    pooling: str = "mean"
+    candidate: int | None = None
+    own_table: bool = False
+
 
 @dataclass
 class Batch:
@@ -28,6 +48,10 @@ class Batch:
     """[rows, oracle behaviours] float32 true P(b) or E[b] (simulated data only)."""
     oracle_positive: torch.Tensor | None = None
     """[rows, oracle behaviours] float32 true P(b > 0)."""
+    sequences: torch.Tensor | None = None
+    """[rows, Σ max_len] int64: every list column's last `max_len` elements as indices into its
+    table, in list order, padded with 0 (0 is also a null element; both are left out of the
+    pooling). None when the data has no list column."""
 
     def __len__(self) -> int:
         return self.categorical.shape[0]

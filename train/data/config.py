@@ -26,6 +26,7 @@ from train.config_checks import (
 )
 from train.data.device import DEVICES
 from train.data.features import DataConfigError, FeatureSpec
+from train.data.vocabulary import VOCAB
 
 MODES = ("memory", "stream", "auto")
 URLS = either(
@@ -62,6 +63,40 @@ def parse_behaviours(
     return columns, scales
 
 
+CATEGORICAL_FORMS = (
+    "a list of columns (each gets an exact vocabulary: [user_id, item_id]), a mapping column -> "
+    "hash buckets or vocab ({user_id: 100000, item_id: vocab}), or a list mixing both "
+    "([user_id, {item_id: 500000}])"
+)
+
+
+def parse_categorical(categorical: Any) -> dict[str, Any]:
+    """`data.categorical` in any of its forms -> column -> hash buckets or `vocab`."""
+    error = DataConfigError
+    if isinstance(categorical, Mapping):
+        entries: list[Any] = [categorical]
+    elif is_list(categorical):
+        entries = list(categorical)
+    else:
+        raise error(f"data.categorical={show(categorical)}: expected {CATEGORICAL_FORMS}")
+    columns: dict[str, Any] = {}
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            pairs = [(column_name("data.categorical", k, error), v) for k, v in entry.items()]
+        elif _is_name(entry):
+            pairs = [(str(entry), VOCAB)]
+        else:
+            raise error(
+                f"data.categorical: entry {show(entry)} is neither a column name nor "
+                f"{{column: buckets}}; expected {CATEGORICAL_FORMS}"
+            )
+        for column, value in pairs:
+            if column in columns:
+                raise error(f"data.categorical names column {column!r} twice")
+            columns[column] = value
+    return columns
+
+
 def spec_from_config(
     categorical: Any,
     dense: Any,
@@ -70,18 +105,22 @@ def spec_from_config(
     oracle: Any = None,
     oracle_positive: Any = None,
     dense_fill: Any = "mean",
+    sequences: Any = None,
+    min_count: Any = 1,
 ) -> FeatureSpec:
     """The `data.*` role keys as typed -> a checked FeatureSpec. Every key is checked for its
     type (a list where a mapping belongs, a string where a list belongs, ...), and the roles
     against each other: at least one feature column, and no behaviour or oracle column among
     the features or the group key (the model would read the label it is trained on)."""
     error = DataConfigError
-    if not isinstance(categorical, Mapping):
+    buckets = parse_categorical(categorical)
+    if sequences is not None and not isinstance(sequences, Mapping):
         raise error(
-            f"data.categorical={show(categorical)}: expected a mapping column -> hash buckets, "
-            "e.g. {user_id: 100000, item_id: 500000}"
+            f"data.sequences={show(sequences)}: expected a mapping list column -> "
+            "{table: ..., max_len: ..., pooling: ...}, e.g. {hist_videos: {table: video_id, "
+            "max_len: 30, pooling: mean}}"
         )
-    buckets = {column_name("data.categorical", k, error): v for k, v in categorical.items()}
+    lists = {column_name("data.sequences", k, error): v for k, v in (sequences or {}).items()}
     dense_columns = column_list("data.dense", dense, error)
     if not isinstance(behaviours, Mapping):
         raise error(
@@ -99,7 +138,7 @@ def spec_from_config(
         oracles[name] = {
             str(b): column_name(f"data.{name}.{b}", c, error) for b, c in (value or {}).items()
         }
-    if not buckets and not dense_columns:
+    if not buckets and not dense_columns and not lists:
         raise error(
             "data.categorical={} and data.dense=[]: expected at least one feature column "
             "(ids in data.categorical, numbers in data.dense)"
@@ -113,6 +152,8 @@ def spec_from_config(
         oracle_positive=oracles["oracle_positive"],
         behaviour_scale=scales,
         dense_fill=dense_fill,
+        sequences=lists,
+        min_count=min_count,
     )
     check_roles(spec)
     return spec
@@ -126,6 +167,14 @@ def check_roles(spec: FeatureSpec) -> None:
     """No column the model reads (or groups by) holds an outcome: a behaviour as an input, or
     its oracle probability, leaks the label into the model and into every metric."""
     inputs = {c: "data.categorical" for c in spec.categorical}
+    for column in spec.sequences:
+        if column in inputs:
+            raise DataConfigError(
+                f"data.sequences.{column}: column {column!r} is also in data.categorical; "
+                "expected a list column in one role (a sequence shares a categorical column's "
+                "embeddings with table=<column>)"
+            )
+        inputs[column] = "data.sequences"
     inputs.update({c: "data.dense" for c in spec.dense})
     inputs.setdefault(spec.group_key, "data.group_key")
     outcomes = {c: f"data.behaviours.{b}" for b, c in spec.behaviours.items()}

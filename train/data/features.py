@@ -1,11 +1,13 @@
-"""The data contract: which columns are ids, dense features, behaviours; and how raw Arrow
-columns become a `Batch` (hashing ids into buckets, checking types and values)."""
+"""The data contract: which columns are ids, list columns, dense features, behaviours; and how
+raw Arrow columns become a `Batch` (ids hashed into buckets or looked up in a vocabulary, lists
+cut to their last `max_len` elements, types and values checked)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,13 @@ import pyarrow.compute as pc
 import torch
 
 from train.config_checks import show
-from train.data.batch import Batch
+from train.data.batch import POOLINGS, Batch, SequenceInput
+from train.data.vocabulary import (
+    VOCAB,
+    Vocabulary,
+    canonical_ids,
+    id_kind_of,
+)
 from train.errors import ConfigError, UpweightError
 from train.preprocess import DENSE_FILLS
 
@@ -31,11 +39,32 @@ class DataConfigError(DataError, ConfigError):
 
 
 @dataclass(frozen=True)
+class SequenceSpec:
+    """One list column (`data.sequences.<column>`): its last `max_len` elements, embedded in a
+    table shared with the categorical column `table`, or in its own (`buckets`: a number of
+    hash buckets, or `vocab`, the default), then pooled (`POOLINGS`)."""
+
+    max_len: int
+    pooling: str = "mean"
+    table: str | None = None
+    buckets: int | str | None = None
+
+    @property
+    def encoding(self) -> int | str:
+        """Its own table's hash buckets or `vocab` (a sequence with a shared table has none)."""
+        return VOCAB if self.buckets is None else self.buckets
+
+
+SEQUENCE_KEYS = ("table", "buckets", "max_len", "pooling")
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """Which columns play which role. Everything else in the files is ignored."""
 
-    categorical: Mapping[str, int]
-    """column -> number of hash buckets (>= 2: bucket 0 is reserved for nulls)."""
+    categorical: Mapping[str, int | str]
+    """column -> number of hash buckets (>= 2: bucket 0 is reserved for nulls), or `vocab`: an
+    exact vocabulary of the training split (`train.data.vocabulary`)."""
     dense: Sequence[str]
     behaviours: Mapping[str, str]
     """behaviour name -> column, e.g. {click: is_click, watch_time: play_s}."""
@@ -49,8 +78,26 @@ class FeatureSpec:
     dense_fill: str = "mean"
     """How a missing (NaN) dense value is filled before standardising: `mean` (the training
     mean) or `zero` (see `train.preprocess`)."""
+    sequences: Mapping[str, SequenceSpec] = field(default_factory=dict)
+    """list column -> how it is embedded and pooled."""
+    min_count: int = 1
+    """Vocabulary ids seen fewer times than this in training share the out-of-vocabulary row."""
+    vocabularies: Mapping[str, Vocabulary] = field(default_factory=dict)
+    """table -> its vocabulary, learned from the training split (`with_vocabularies`)."""
 
     def __post_init__(self) -> None:
+        sequences = {
+            str(c): s if isinstance(s, SequenceSpec) else _sequence(c, s)
+            for c, s in self.sequences.items()
+        }
+        object.__setattr__(self, "sequences", sequences)
+        self._check_sequences()
+        if isinstance(self.min_count, bool) or not isinstance(self.min_count, int):
+            raise DataConfigError(
+                f"data.min_count={show(self.min_count)}: expected an integer >= 1"
+            )
+        if self.min_count < 1:
+            raise DataConfigError(f"data.min_count={self.min_count}: expected an integer >= 1")
         if self.dense_fill not in DENSE_FILLS:
             raise DataConfigError(
                 f"data.dense_fill must be one of {DENSE_FILLS}, got {self.dense_fill!r}"
@@ -81,11 +128,7 @@ class FeatureSpec:
                     f"data.behaviours.{name}.scale must be a finite number > 0, got {scale!r}"
                 )
         for column, buckets in self.categorical.items():
-            if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
-                raise DataConfigError(
-                    f"data.categorical.{column}={show(buckets)}: expected an integer >= 2 "
-                    "(hash buckets; bucket 0 holds nulls)"
-                )
+            _check_encoding(f"data.categorical.{column}", buckets)
         for name in list(self.oracle) + list(self.oracle_positive):
             if name not in self.behaviours:
                 raise DataConfigError(
@@ -95,6 +138,111 @@ class FeatureSpec:
         for name in self.oracle_positive:
             if name not in self.oracle:
                 raise DataConfigError(f"data.oracle_positive.{name} needs data.oracle.{name} too")
+
+    def _check_sequences(self) -> None:
+        for column, seq in self.sequences.items():
+            key = f"data.sequences.{column}"
+            if isinstance(seq.max_len, bool) or not isinstance(seq.max_len, int) or seq.max_len < 1:
+                raise DataConfigError(
+                    f"{key}.max_len={show(seq.max_len)}: expected an integer >= 1 (the last "
+                    "max_len elements of each list are kept)"
+                )
+            if seq.pooling not in POOLINGS:
+                raise DataConfigError(
+                    f"{key}.pooling={show(seq.pooling)}: expected one of {', '.join(POOLINGS)}"
+                )
+            if seq.table is not None and seq.buckets is not None:
+                raise DataConfigError(
+                    f"{key}: both table={seq.table!r} and buckets={seq.buckets!r}: expected one "
+                    "(table: share a categorical column's embeddings; buckets: its own table)"
+                )
+            if seq.table is not None and seq.table not in self.categorical:
+                raise DataConfigError(
+                    f"{key}.table={show(seq.table)}: expected a column of data.categorical "
+                    f"{list(self.categorical)} (whose vocabulary and embeddings it shares)"
+                )
+            if seq.buckets is not None:
+                _check_encoding(f"{key}.buckets", seq.buckets)
+            if seq.pooling == "attention" and seq.table is None:
+                raise DataConfigError(
+                    f"{key}.pooling=attention attends to the candidate's embedding in the same "
+                    "table: expected table=<a column of data.categorical> (e.g. the item id)"
+                )
+
+    def with_vocabularies(self, vocabularies: Mapping[str, Vocabulary]) -> FeatureSpec:
+        return replace(self, vocabularies=dict(vocabularies))
+
+    @property
+    def tables(self) -> dict[str, int | str]:
+        """Embedding table -> its hash buckets or `vocab`, in the network's order: one per
+        categorical column, then one per list column with a table of its own."""
+        tables = dict(self.categorical)
+        for column, seq in self.sequences.items():
+            if seq.table is None:
+                tables[column] = seq.encoding
+        return tables
+
+    def table_of(self, column: str) -> str:
+        """The table a categorical or list column's ids index."""
+        seq = self.sequences.get(column)
+        return seq.table or column if seq is not None else column
+
+    def table_columns(self, table: str) -> list[str]:
+        """The columns whose ids a table embeds (its own, and the lists that share it)."""
+        return [c for c in [*self.categorical, *self.sequences] if self.table_of(c) == table]
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Rows of every embedding table, in `tables` order (vocabularies must be built)."""
+        sizes = []
+        for table, encoding in self.tables.items():
+            if encoding != VOCAB:
+                sizes.append(int(encoding))
+            elif table in self.vocabularies:
+                sizes.append(self.vocabularies[table].size)
+            else:
+                raise DataError(
+                    f"table {table!r} has no vocabulary yet: it is built from the training split "
+                    "by the data module's prepare()"
+                )
+        return sizes
+
+    @property
+    def sequence_inputs(self) -> tuple[SequenceInput, ...]:
+        """The list columns as the network sees them, in `Batch.sequences` order."""
+        tables = list(self.tables)
+        columns = list(self.categorical)
+        return tuple(
+            SequenceInput(
+                table=tables.index(self.table_of(c)),
+                max_len=seq.max_len,
+                pooling=seq.pooling,
+                candidate=columns.index(seq.table) if seq.pooling == "attention" else None,
+                own_table=seq.table is None,
+            )
+            for c, seq in self.sequences.items()
+        )
+
+    @property
+    def network_options(self) -> dict[str, Any]:
+        """What a ranking network is built with besides (cardinalities, num_dense): the list
+        columns, when there are any (a network written without them still plugs in)."""
+        return {"sequences": self.sequence_inputs} if self.sequences else {}
+
+    def state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint (`from_state` reads them back)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["sequences"] = {c: asdict(s) for c, s in self.sequences.items()}
+        state["vocabularies"] = {t: v.state() for t, v in self.vocabularies.items()}
+        return _plain(state)
+
+    @staticmethod
+    def from_state(state: Mapping[str, Any]) -> FeatureSpec:
+        state = dict(state)
+        state["vocabularies"] = {
+            t: Vocabulary.from_state(v) for t, v in (state.get("vocabularies") or {}).items()
+        }
+        return FeatureSpec(**state)
 
     @property
     def behaviour_names(self) -> list[str]:
@@ -109,6 +257,7 @@ class FeatureSpec:
         """Every column read from the files, each once."""
         names = [
             *self.categorical,
+            *self.sequences,
             *self.dense,
             *self.behaviours.values(),
             self.group_key,
@@ -116,10 +265,6 @@ class FeatureSpec:
             *self.oracle_positive.values(),
         ]
         return list(dict.fromkeys(names))
-
-    @property
-    def cardinalities(self) -> list[int]:
-        return list(self.categorical.values())
 
     @property
     def id_columns(self) -> list[str]:
@@ -139,23 +284,56 @@ class FeatureSpec:
         return roles
 
 
+def _sequence(column: str, value: Any) -> SequenceSpec:
+    key = f"data.sequences.{column}"
+    if not isinstance(value, Mapping):
+        raise DataConfigError(
+            f"{key}={show(value)}: expected a mapping, e.g. {{table: video_id, max_len: 30, "
+            "pooling: mean}}"
+        )
+    unknown = sorted(set(map(str, value)) - set(SEQUENCE_KEYS))
+    if unknown:
+        raise DataConfigError(f"{key}: unknown key(s) {unknown}; expected {list(SEQUENCE_KEYS)}")
+    if "max_len" not in value:
+        raise DataConfigError(
+            f"{key}.max_len is missing: expected how many of the last elements of each list to keep"
+        )
+    table = value.get("table")
+    if table is not None and not isinstance(table, str):
+        raise DataConfigError(f"{key}.table={show(table)}: expected a column of data.categorical")
+    return SequenceSpec(
+        max_len=value["max_len"],
+        pooling=value.get("pooling", "mean"),
+        table=table,
+        buckets=value.get("buckets"),
+    )
+
+
+def _check_encoding(key: str, value: Any) -> None:
+    if value == VOCAB:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise DataConfigError(
+            f"{key}={show(value)}: expected an integer >= 2 (hash buckets; bucket 0 holds "
+            f"nulls) or {VOCAB} (an exact vocabulary of the training split)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 ID_TYPES = "integer, boolean, integral float or string"
+id_kind = id_kind_of
+"""`int` or `string` (what hashing sees), None when the type cannot hold ids."""
 
 
-def id_kind(kind: pa.DataType) -> str | None:
-    """`int` or `string` (what hashing sees), None when the type cannot hold ids."""
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    if (
-        pa.types.is_integer(kind)
-        or pa.types.is_boolean(kind)
-        or pa.types.is_floating(kind)
-        or pa.types.is_null(kind)
-    ):
-        return "int"
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return "string"
-    return None
+def is_list_type(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
 
 
 def is_numeric(kind: pa.DataType) -> bool:
@@ -206,6 +384,12 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> dict[str,
                 f"expected {ID_TYPES} ids"
             )
         kinds[column] = kind
+    for column in spec.sequences:
+        kind = schema.field(column).type
+        element = id_kind(kind.value_type) if is_list_type(kind) else None
+        if element is None:
+            raise DataError(f"{source}: {_list_type_error(column, kind)}")
+        kinds[column] = element
     for column, role in spec.numeric_columns.items():
         kind = schema.field(column).type
         if not is_numeric(kind):
@@ -345,20 +529,153 @@ def behaviour_matrix(table: pa.Table, spec: FeatureSpec, source: str) -> np.ndar
 
 def model_inputs(
     table: pa.Table, spec: FeatureSpec, source: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model reads of `table`: hashed ids [rows, C] int64 and raw dense [rows, D]
-    float32 (NaN kept: `train.preprocess` fills it). Training and prediction both call this."""
-    missing = [c for c in [*spec.categorical, *spec.dense] if c not in table.column_names]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the model reads of `table`: ids as table rows [rows, C] int64 (hashed or looked up
+    in the vocabulary), raw dense [rows, D] float32 (NaN kept: `train.preprocess` fills it) and
+    the list columns [rows, Σ max_len] int64 (None without any). Training and prediction both
+    call this."""
+    reads = [*spec.categorical, *spec.sequences, *spec.dense]
+    missing = [c for c in reads if c not in table.column_names]
     if missing:
         raise DataError(
-            f"{source}: missing column(s) {missing}; the model reads "
-            f"{[*spec.categorical, *spec.dense]}, the file has {table.column_names}"
+            f"{source}: missing column(s) {missing}; the model reads {reads}, the file has "
+            f"{table.column_names}"
         )
     categorical = np.empty((table.num_rows, len(spec.categorical)), dtype=np.int64)
-    for j, (column, buckets) in enumerate(spec.categorical.items()):
-        categorical[:, j] = _hash_checked(table, column, buckets, source, spec)
+    for j, column in enumerate(spec.categorical):
+        categorical[:, j] = _encode_checked(table.column(column), column, column, spec, source)
     dense = dense_matrix(table, spec, source)
-    return torch.from_numpy(categorical), torch.from_numpy(dense)
+    sequences = sequence_matrix(table, spec, source)
+    return (
+        torch.from_numpy(categorical),
+        torch.from_numpy(dense),
+        None if sequences is None else torch.from_numpy(sequences),
+    )
+
+
+def _encode_checked(
+    ids: pa.Array | pa.ChunkedArray, column: str, table: str, spec: FeatureSpec, source: str
+) -> np.ndarray:
+    """Ids of `column` -> rows of `table`: its hash buckets, or its vocabulary's indices."""
+    encoding = spec.tables[table]
+    if encoding != VOCAB:
+        try:
+            return hash_ids(ids, int(encoding))
+        except (TypeError, pa.ArrowInvalid) as err:
+            raise DataError(
+                f"{source}: {_id_role(column, spec)} column {column!r} has {ids.type} ({err}); "
+                f"expected {ID_TYPES} ids"
+            ) from err
+    vocabulary = spec.vocabularies.get(table)
+    if vocabulary is None:
+        raise DataError(f"{source}: table {table!r} has no vocabulary (prepare() builds it)")
+    try:
+        return vocabulary.encode(canonical_ids(ids))
+    except (TypeError, pa.ArrowInvalid) as err:
+        raise DataError(
+            f"{source}: {_id_role(column, spec)} column {column!r} has {ids.type} ({err}); "
+            f"expected {ID_TYPES} ids of the type table {table!r} was trained with"
+        ) from err
+
+
+def _id_role(column: str, spec: FeatureSpec) -> str:
+    if column in spec.sequences:
+        return "list"
+    return "group_key" if column == spec.group_key else "categorical"
+
+
+def _list_type_error(column: str, kind: pa.DataType) -> str:
+    return (
+        f"list column {column!r} (data.sequences.{column}) has type {kind}; expected a list of "
+        f"ids (Parquet list<int|string>, or CSV cells split by data.list_delimiter)"
+    )
+
+
+def list_elements(
+    table: pa.Table, column: str, spec: FeatureSpec, source: str
+) -> tuple[pa.Array, np.ndarray]:
+    """A list column's elements (nulls and empty lists hold none) as ids of its table's type,
+    and each element's row. Elements of a table whose column holds integer ids are integers,
+    also when they arrive as text (CSV cells)."""
+    data = table.column(column)
+    if not is_list_type(data.type):
+        raise DataError(f"{source}: {_list_type_error(column, data.type)}")
+    lists = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+    values = pc.list_flatten(lists)
+    shared = spec.sequences[column].table
+    if (
+        shared is not None
+        and shared in table.column_names
+        and id_kind(table.column(shared).type) == "int"
+        and not pa.types.is_null(table.column(shared).type)
+        and id_kind(values.type) == "string"
+    ):
+        values = _integers(values, rows, column, shared, source)
+    return values, rows
+
+
+def _integers(
+    values: pa.Array, rows: np.ndarray, column: str, shared: str, source: str
+) -> pa.Array:
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    spelt = pc.match_substring_regex(values, r"^\s*[-+]?[0-9]+\s*$").fill_null(True)
+    bad = np.flatnonzero(~spelt.to_numpy(zero_copy_only=False))
+    if len(bad):
+        first = int(bad[0])
+        raise DataError(
+            f"{source}: list column {column!r} row {int(rows[first])}: element "
+            f"{values[first].as_py()!r} is not an integer id; its table {shared!r} holds "
+            "integer ids (a cell that is not a list of them, or the wrong data.list_delimiter?)"
+        )
+    return pc.cast(pc.utf8_trim_whitespace(values), pa.int64())
+
+
+def table_ids(table: pa.Table, spec: FeatureSpec, source: str) -> dict[str, list[pa.Array]]:
+    """What the id pass counts of `table`, per embedding table: the ids of its column and of the
+    lists that share it, canonical (vocabulary tables) or as 64-bit hashes (hashed tables, for
+    their collision rate); nulls left out."""
+    found: dict[str, list[pa.Array]] = {name: [] for name in spec.tables}
+    for column in [*spec.categorical, *spec.sequences]:
+        name = spec.table_of(column)
+        if column in spec.sequences:
+            ids: pa.Array | pa.ChunkedArray = list_elements(table, column, spec, source)[0]
+        else:
+            ids = table.column(column)
+        try:
+            canonical = canonical_ids(ids).drop_null()
+            if spec.tables[name] != VOCAB:
+                canonical = pa.array(hash_ids(canonical))
+        except (TypeError, pa.ArrowInvalid) as err:
+            raise DataError(
+                f"{source}: {_id_role(column, spec)} column {column!r} has {ids.type} ({err}); "
+                f"expected {ID_TYPES} ids"
+            ) from err
+        found[name].append(canonical)
+    return found
+
+
+def sequence_matrix(table: pa.Table, spec: FeatureSpec, source: str) -> np.ndarray | None:
+    """Every list column's last `max_len` elements as rows of its table, padded with 0:
+    [rows, Σ max_len] int64 (None when the spec has no list column). Vectorised: the elements
+    of all rows are encoded at once and scattered into place."""
+    if not spec.sequences:
+        return None
+    parts = []
+    for column, seq in spec.sequences.items():
+        values, rows = list_elements(table, column, spec, source)
+        codes = _encode_checked(values, column, spec.table_of(column), spec, source)
+        lengths = np.bincount(rows, minlength=table.num_rows)
+        starts = np.cumsum(lengths) - lengths
+        position = np.arange(len(rows)) - starts[rows]
+        dropped = np.maximum(lengths - seq.max_len, 0)[rows]
+        keep = position >= dropped
+        out = np.zeros((table.num_rows, seq.max_len), dtype=np.int64)
+        out[rows[keep], (position - dropped)[keep]] = codes[keep]
+        parts.append(out)
+    return np.concatenate(parts, axis=1)
 
 
 def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
@@ -369,7 +686,7 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
             f"{source}: missing column(s) {missing}; the data config expects {spec.columns}, "
             f"the file has {table.column_names}"
         )
-    categorical, dense = model_inputs(table, spec, source)
+    categorical, dense, sequences = model_inputs(table, spec, source)
     behaviours = behaviour_matrix(table, spec, source)
     group = _hash_checked(table, spec.group_key, None, source, spec)
     oracle = oracle_positive = None
@@ -392,6 +709,7 @@ def featurize(table: pa.Table, spec: FeatureSpec, source: str) -> Batch:
         group=torch.from_numpy(group),
         oracle=None if oracle is None else torch.from_numpy(oracle),
         oracle_positive=None if oracle_positive is None else torch.from_numpy(oracle_positive),
+        sequences=sequences,
     )
 
 

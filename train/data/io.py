@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -52,11 +53,21 @@ class TableFormat:
     header: bool = True
     """False: the CSV has no header row and `column_names` names its columns in order."""
     column_names: Sequence[str] = field(default_factory=tuple)
+    list_delimiter: str = "|"
+    """Separates the elements of a list cell in CSV files (`a|b|c`; an empty cell: no element)."""
+    list_columns: Sequence[str] = field(default_factory=tuple)
+    """Columns read as lists: in CSV, text cells split by `list_delimiter`."""
 
     def __post_init__(self) -> None:
         error = DataConfigError
         if self.delimiter == "\\t":  # `data.delimiter='\t'` on a command line: a tab
             object.__setattr__(self, "delimiter", "\t")
+        if not isinstance(self.list_delimiter, str) or not self.list_delimiter:
+            raise error(
+                f"data.list_delimiter={self.list_delimiter!r}: expected a non-empty string "
+                "(e.g. '|')"
+            )
+        object.__setattr__(self, "list_columns", tuple(self.list_columns))
         require("data.format", self.format, one_of("auto", "parquet", "csv"), error)
         require("data.delimiter", self.delimiter, optional(DELIMITER), error)
         require("data.header", self.header, boolean(), error)
@@ -216,6 +227,10 @@ def inspect(
         _csv_reader(url, table_format, None, storage_options) as reader,
     ):
         schema = reader.schema
+    for column in table_format.list_columns:
+        if column in schema.names:
+            at = schema.get_field_index(column)
+            schema = schema.set(at, pa.field(column, pa.list_(pa.string())))
     return FileInfo(url, kind, schema, None, size)
 
 
@@ -255,7 +270,22 @@ def read_chunks(
                 except pa.ArrowInvalid as err:
                     what = _csv_column_error(err, reader.schema)
                     raise _fail(url, what, None, storage_options) from err
-                yield pa.Table.from_batches([batch])
+                yield split_lists(pa.Table.from_batches([batch]), table_format)
+
+
+def split_lists(table: pa.Table, table_format: TableFormat) -> pa.Table:
+    """CSV text cells of the list columns -> lists of text elements (empty or null: no list)."""
+    for column in table_format.list_columns:
+        if column not in table.column_names:
+            continue
+        at = table.column_names.index(column)
+        text = table.column(column)
+        blank = pc.equal(pc.utf8_trim_whitespace(text), "")
+        text = pc.if_else(blank, pa.scalar(None, text.type), text)
+        table = table.set_column(
+            at, column, pc.split_pattern(text, pattern=table_format.list_delimiter)
+        )
+    return table
 
 
 def read_table(
@@ -321,9 +351,11 @@ def _csv_reader(
                     use_threads=False,
                 ),
                 parse_options=pacsv.ParseOptions(delimiter=table_format.csv_delimiter(url)),
-                convert_options=pacsv.ConvertOptions(include_columns=list(columns))
-                if columns is not None
-                else None,
+                # List cells stay text, to be split: never inferred as numbers.
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=list(columns) if columns is not None else None,
+                    column_types={c: pa.string() for c in table_format.list_columns},
+                ),
             )
         except pa.ArrowInvalid as err:
             if "Empty CSV file" in str(err):

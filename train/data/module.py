@@ -20,10 +20,12 @@ from train.data.config import check_settings, spec_from_config
 from train.data.device import TablePlacement, require_cuda
 from train.data.features import (
     DataError,
+    FeatureSpec,
     check_ids,
     check_schema,
     featurize,
     numeric_block,
+    table_ids,
 )
 from train.data.io import (
     FileInfo,
@@ -42,6 +44,13 @@ from train.data.stats import (
     check_training,
 )
 from train.data.stream import StreamBatches, StreamDataset, StreamTrainBatches, Unit
+from train.data.vocabulary import (
+    COLLISION_WARNING,
+    VOCAB,
+    IdCounter,
+    Vocabulary,
+    collision_rate,
+)
 from train.secrets import safe_url
 from train.weights import WeightScheme
 
@@ -98,10 +107,21 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         worker_start: str = "forkserver",
         dense_fill: str = "mean",
         device: str = "auto",
+        sequences: Mapping[str, Any] | None = None,
+        min_count: int = 1,
+        list_delimiter: str = "|",
     ) -> None:
         super().__init__()
         self.spec = spec_from_config(
-            categorical, dense, behaviours, group_key, oracle, oracle_positive, dense_fill
+            categorical,
+            dense,
+            behaviours,
+            group_key,
+            oracle,
+            oracle_positive,
+            dense_fill,
+            sequences,
+            min_count,
         )
         self.urls = {"train": train, "val": val, "test": test}
         check_settings(
@@ -119,7 +139,9 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             device=device,
         )
         self.simulator = simulator
-        self.table_format = TableFormat(format, delimiter, header, column_names)
+        self.table_format = TableFormat(
+            format, delimiter, header, column_names, list_delimiter, tuple(self.spec.sequences)
+        )
         self.storage_options = dict(storage_options or {})
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -138,6 +160,7 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         self.dictionary: list[str] = []
         self.stats: TrainStats | None = None
         self.weight_mean = 1.0
+        self.id_summary: dict[str, dict[str, Any]] = {}
 
     def describe(self, split: str) -> str:
         if self.simulator is not None:
@@ -169,9 +192,13 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         if "train" not in splits and stats is None:
             raise DataError("prepare() without the train split needs the saved training stats")
         if self.simulator is not None:
+            raw = {split: self.simulator.table(split) for split in splits}
+            if "train" in splits:
+                counters = _new_counters(self.spec)
+                _count(counters, raw["train"], self.spec, self.describe("train"))
+                self._learn_ids(counters)
             for split in splits:
-                table = self.simulator.table(split)
-                self.tables[split] = featurize(table, self.spec, self.describe(split))
+                self.tables[split] = featurize(raw.pop(split), self.spec, self.describe(split))
             if "train" in splits:
                 stats = self._measure_memory(
                     [self._chunk_stats(self.tables["train"], scheme, self.describe("train"))]
@@ -187,8 +214,13 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             for info in infos:
                 self._check_kinds(info, kinds)
             self.files[split] = infos
-        self.dictionary = [c for c, (kind, _) in kinds.items() if kind == "string"]
+        self.dictionary = [
+            c for c, (kind, _) in kinds.items() if kind == "string" and c not in self.spec.sequences
+        ]
+        self._check_shared_kinds(kinds)
         self.mode = self._choose_mode(splits)
+        if "train" in splits:
+            self._learn_ids(self._count_ids(self.files["train"]))
 
         readers = max(1, min(8, os.cpu_count() or 1))
         if self.mode == "memory":
@@ -223,10 +255,77 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
                     self._check_evaluation(split, scheme, total.positive, total.rows)
         return self._keep(stats, scheme, "train" in splits)
 
+    def _count_ids(self, files: Sequence[FileInfo]) -> dict[str, IdCounter]:
+        """The id pass over the training split: every table's distinct ids with their counts
+        (vocabularies) or hashes (collisions), reading only the id and list columns."""
+        columns = [*self.spec.categorical, *self.spec.sequences]
+        readers = max(1, min(8, os.cpu_count() or 1))
+
+        def count_file(info: FileInfo) -> dict[str, IdCounter]:
+            counters = _new_counters(self.spec)
+            for table in self._chunks(info, columns):
+                _count(counters, table, self.spec, safe_url(info.url))
+            return counters
+
+        total = _new_counters(self.spec)
+        for counters in _ordered_map(count_file, files, readers):
+            for name, counter in counters.items():
+                total[name].merge(counter)
+        return total
+
+    def _learn_ids(self, counters: Mapping[str, IdCounter]) -> None:
+        """Build the vocabularies into the spec (every split is then read with them) and
+        measure the hashed tables' collisions; warn where they cost."""
+        vocabularies, self.id_summary = {}, {}
+        for name, encoding in self.spec.tables.items():
+            counts = counters[name].table()
+            if encoding == VOCAB:
+                vocabularies[name] = Vocabulary.build(counters[name], self.spec.min_count)
+                self.id_summary[name] = vocabularies[name].summary()
+                continue
+            hashes = counts.column("id").to_numpy()
+            rate = collision_rate(hashes, int(encoding))
+            self.id_summary[name] = {
+                "encoding": "hash",
+                "distinct": len(hashes),
+                "rows": int(encoding),
+                "collision_rate": rate,
+            }
+            if rate > COLLISION_WARNING:
+                log.warning(
+                    "%s: table %r: %.1f%% of its %d distinct training ids share a hash bucket "
+                    "with another id (%d buckets): collisions blur their embeddings. Give it "
+                    "more buckets, or an exact vocabulary (list it in data.categorical without "
+                    "a bucket count, or {%s: vocab})",
+                    self.describe("train"),
+                    name,
+                    100 * rate,
+                    len(hashes),
+                    int(encoding),
+                    name,
+                )
+        self.spec = self.spec.with_vocabularies(vocabularies)
+
+    def _check_shared_kinds(self, kinds: Mapping[str, tuple[str, str]]) -> None:
+        """A list sharing a table holds the table column's ids: text elements can spell the
+        integers of an integer table (CSV cells), but integers never match text ids."""
+        for column, seq in self.spec.sequences.items():
+            if seq.table is None or column not in kinds or seq.table not in kinds:
+                continue
+            (element, url), (ids, _) = kinds[column], kinds[seq.table]
+            if element == "int" and ids == "string":
+                raise DataError(
+                    f"{safe_url(url)}: list column {column!r} holds integer ids but its table "
+                    f"{seq.table!r} holds text ids; expected ids of one type (an id 7 and a "
+                    "text '7' are different ids)"
+                )
+
     def _keep(
         self, stats: TrainStats | None, scheme: WeightScheme | None, measured: bool = True
     ) -> TrainStats:
         assert stats is not None
+        if measured:
+            stats.ids = dict(self.id_summary)
         self.stats = stats
         self.weight_mean = stats.weight_mean
         if scheme is not None and measured:
@@ -293,6 +392,7 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             return self.requested_mode
         spec = self.spec
         row_bytes = 8 * len(spec.categorical) + 4 * len(spec.dense) + 4 * len(spec.behaviours)
+        row_bytes += 8 * sum(seq.max_len for seq in spec.sequences.values())
         row_bytes += 8 + 8 * len(spec.oracle_names)
         estimate = 0
         for split in splits:
@@ -412,6 +512,24 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             return EvalBatches(table, self.eval_batch_size, *self._rank(), self.pin(table))
         stream = self._stream(split, False)
         return StreamBatches(stream, self._workers(split), self.worker_start, pin_memory=self.pin())
+
+
+def _new_counters(spec: FeatureSpec) -> dict[str, IdCounter]:
+    return {name: IdCounter() for name in spec.tables}
+
+
+def _count(
+    counters: Mapping[str, IdCounter], table: pa.Table, spec: FeatureSpec, source: str
+) -> None:
+    for name, ids in table_ids(table, spec, source).items():
+        for part in ids:
+            try:
+                counters[name].add(part)
+            except TypeError as err:
+                raise DataError(
+                    f"{source}: table {name!r} ({', '.join(spec.table_columns(name))}): {err}; "
+                    "expected ids of one type in every file and list"
+                ) from err
 
 
 def _base_type(kind: pa.DataType) -> pa.DataType:

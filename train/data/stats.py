@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,9 @@ class TrainStats:
     behaviour_mean: dict[str, float]
     weight_mean: float = 1.0
     """Mean unnormalised weight of the run's scheme over the training rows (1 without one)."""
+    ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Embedding table -> what the id pass found: distinct ids, rows, and the collision rate
+    (hashed) or rare ids (vocabulary)."""
 
     @staticmethod
     def of(
