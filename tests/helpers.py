@@ -35,10 +35,6 @@ TINY_DATA = [
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
-    # Small buckets keep checkpoints small (the default tables make 30 MB files).
-    "data.categorical.user_id=1000",
-    "data.categorical.video_id=2000",
-    "data.categorical.author_id=200",
 ]
 """The simulated feed of a tiny run (for tests that choose the hardware themselves)."""
 TINY_RUN = [

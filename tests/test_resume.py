@@ -253,7 +253,7 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path):
     # writing takes long enough to be caught in the middle.
     big = [
         *TINY,
-        "data.categorical.user_id=600000",
+        "data.categorical=[{user_id:600000},video_id,author_id,category,hour,device]",
         "model.embedding_dim=32",
         "trainer.max_epochs=1",
     ]

@@ -224,12 +224,14 @@ def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path
     done = run_job(
         *TINY_TRAINED,
         f"init_from={source}/checkpoints/best.ckpt",
-        "data.categorical.user_id=500",
+        "data.categorical=[{user_id:500},video_id,author_id,category,hour,device]",
         f"paths.output_dir={tmp_path}/warm",
         cwd=tmp_path,
     )
     assert done.returncode == 1
-    assert "data.categorical.user_id: checkpoint has 1000 buckets, this run 500" in done.stderr
+    assert (
+        "data.categorical.user_id: checkpoint has a vocabulary, this run 500 buckets" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "warm").exists()
 

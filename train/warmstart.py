@@ -48,6 +48,7 @@ from torch import nn
 
 from train.checkpoint import CheckpointError, contents, dense_stats
 from train.data.features import FeatureSpec
+from train.data.vocabulary import VOCAB, Vocabulary
 from train.errors import UpweightError
 
 FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion"})
@@ -66,27 +67,49 @@ def differences(
     one readable line per difference; empty when the weights fit."""
     found: list[str] = []
     saved_spec = artifact.get("spec") or {}
-    theirs = {str(k): v for k, v in (saved_spec.get("categorical") or {}).items()}
-    ours = dict(spec.categorical)
+    theirs = {str(k): v for k, v in _tables(saved_spec).items()}
+    ours = spec.tables
+    their_vocab = saved_spec.get("vocabularies") or {}
+
+    def key(name: str) -> str:
+        return f"data.sequences.{name}" if name in spec.sequences else f"data.categorical.{name}"
+
     for name in ours.keys() | theirs.keys():
         if name not in theirs:
-            found.append(f"data.categorical.{name}: this run has it, the checkpoint does not")
+            found.append(f"{key(name)}: this run has it, the checkpoint does not")
         elif name not in ours:
             found.append(
-                f"data.categorical.{name}: the checkpoint has it ({theirs[name]} buckets), "
+                f"data.categorical.{name}: the checkpoint has it ({_rows(theirs[name])}), "
                 "this run does not"
             )
         elif theirs[name] != ours[name]:
             found.append(
-                f"data.categorical.{name}: checkpoint has {theirs[name]} buckets, "
-                f"this run {ours[name]}"
+                f"{key(name)}: checkpoint has {_rows(theirs[name])}, this run {_rows(ours[name])}"
             )
+        elif ours[name] == VOCAB and name in their_vocab and name in spec.vocabularies:
+            mine, saved = spec.vocabularies[name], Vocabulary.from_state(their_vocab[name])
+            if mine != saved:
+                found.append(
+                    f"{key(name)}: the checkpoint's vocabulary ({len(saved.values)} ids) is not "
+                    f"this run's ({len(mine.values)} ids): its embedding rows belong to other "
+                    "ids (warm starts need the same training ids, e.g. the same data.train)"
+                )
     found.sort()
     if not found and list(theirs) != list(ours):
         found.append(
             f"data.categorical: checkpoint has the features in the order {list(theirs)}, this "
             f"run {list(ours)} (embedding rows are laid out in that order)"
         )
+    their_lists = {
+        str(c): {k: v for k, v in dict(s).items() if k in ("table", "max_len", "pooling")}
+        for c, s in (saved_spec.get("sequences") or {}).items()
+    }
+    our_lists = {
+        c: {"table": s.table, "max_len": s.max_len, "pooling": s.pooling}
+        for c, s in spec.sequences.items()
+    }
+    if their_lists != our_lists:
+        found.append(f"data.sequences: checkpoint has {their_lists}, this run {our_lists}")
     their_dense, our_dense = list(saved_spec.get("dense") or []), list(spec.dense)
     if their_dense != our_dense:
         found.append(f"data.dense: checkpoint has {their_dense}, this run {our_dense}")
@@ -101,6 +124,19 @@ def differences(
         if a != b:
             found.append(f"model.{key}: checkpoint has {a!r}, this run {b!r}")
     return found
+
+
+def _tables(saved_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved spec's embedding tables in order (`FeatureSpec.tables` of the checkpoint)."""
+    tables = dict(saved_spec.get("categorical") or {})
+    for column, seq in (saved_spec.get("sequences") or {}).items():
+        if dict(seq).get("table") is None:
+            tables[column] = dict(seq).get("buckets") or VOCAB
+    return tables
+
+
+def _rows(encoding: Any) -> str:
+    return "a vocabulary" if encoding == VOCAB else f"{encoding} buckets"
 
 
 def shape_differences(network: nn.Module, weights: Mapping[str, Any]) -> list[str]:

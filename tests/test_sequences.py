@@ -1,0 +1,133 @@
+"""List columns: the last `max_len` elements of each list become rows of their table (shared
+with a categorical column or their own), Parquet lists and CSV cells alike; empty and null lists
+pool to zeros; mean, sum and target attention match a hand computation; the gradient reaches
+the shared table; bad lists are named by file, column and row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from train.data.batch import SequenceInput
+from train.data.features import DataError, FeatureSpec, sequence_matrix
+from train.data.io import TableFormat, read_table
+from train.model import DNN, FeatureEmbeddings
+
+SPEC = FeatureSpec(
+    categorical={"item": 11},
+    dense=[],
+    behaviours={"click": "click"},
+    group_key="item",
+    sequences={
+        "history": {"table": "item", "max_len": 3, "pooling": "mean"},
+        "tags": {"buckets": 7, "max_len": 2, "pooling": "sum"},
+    },
+)
+ROWS = {
+    "item": [5, 6, 7, 8],
+    "history": [[1, 2, 3, 4], [], None, [9, None]],
+    "tags": [["a"], ["b", "c", "d"], None, []],
+    "click": [1, 0, 1, 0],
+}
+
+
+def hashed(ids: list, buckets: int) -> list[int]:
+    from train.data.features import hash_ids
+
+    return hash_ids(pa.array(ids), buckets).tolist()
+
+
+def test_lists_keep_their_last_elements_padded_with_zeros() -> None:
+    matrix = sequence_matrix(pa.table(ROWS), SPEC, "t")
+    h = dict(zip([1, 2, 3, 4, 9], hashed([1, 2, 3, 4, 9], 11), strict=True))
+    t = dict(zip("abcd", hashed(list("abcd"), 7), strict=True))
+    assert matrix.tolist() == [
+        [h[2], h[3], h[4], t["a"], 0],  # the last 3 of 4, in order
+        [0, 0, 0, t["c"], t["d"]],  # empty history; the last 2 tags
+        [0, 0, 0, 0, 0],  # null lists
+        [h[9], 0, 0, 0, 0],  # a null element is padding
+    ]
+    assert [s.own_table for s in SPEC.sequence_inputs] == [False, True]
+    assert SPEC.cardinalities == [11, 7] and list(SPEC.tables) == ["item", "tags"]
+
+
+def test_csv_cells_read_as_the_parquet_lists(tmp_path: Path) -> None:
+    table = pa.table(ROWS)
+    pq.write_table(table, tmp_path / "rows.parquet")
+    cells = {
+        "history": ["1|2|3|4", "", None, "9"],  # a CSV cell cannot hold a null element
+        "tags": ["a", "b|c|d", None, ""],
+    }
+    pacsv.write_csv(pa.table({**ROWS, **cells}), tmp_path / "rows.csv")
+    layout = TableFormat(list_columns=("history", "tags"))
+    read = {
+        kind: read_table(str(tmp_path / f"rows.{kind}"), SPEC.columns, layout)
+        for kind in ("parquet", "csv")
+    }
+    parquet = sequence_matrix(read["parquet"], SPEC, "p")
+    csv = sequence_matrix(read["csv"], SPEC, "c")
+    assert np.array_equal(parquet[:3], csv[:3]) and csv[3, 0] == parquet[3, 0]
+
+
+def test_a_cell_that_is_not_a_list_of_ids_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    pacsv.write_csv(
+        pa.table({**ROWS, "history": ["1|2", "3", "4;5", ""], "tags": ["", "", "", ""]}), path
+    )
+    table = read_table(str(path), SPEC.columns, TableFormat(list_columns=("history", "tags")))
+    with pytest.raises(DataError, match=r"list column 'history' row 2: element '4;5' is not an"):
+        sequence_matrix(table, SPEC, str(path))
+    scalar = pa.table({**ROWS, "history": [1, 2, 3, 4]})
+    with pytest.raises(DataError, match=r"t: list column 'history' .* has type int64"):
+        sequence_matrix(scalar, SPEC, "t")
+
+
+def embeddings(pooling: str) -> FeatureEmbeddings:
+    torch.manual_seed(0)
+    lists = [SequenceInput(table=0, max_len=3, pooling=pooling, candidate=0)]
+    return FeatureEmbeddings([6], 4, sparse=True, sequences=lists)
+
+
+CANDIDATES = torch.tensor([[1], [2], [3]])
+LISTS = torch.tensor([[2, 3, 0], [4, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "attention"])
+def test_pooling_matches_a_hand_computation(pooling: str) -> None:
+    layer = embeddings(pooling)
+    table = layer.table.weight.detach()
+    fields = layer(CANDIDATES, LISTS).detach()
+    assert torch.equal(fields[:, 0], table[CANDIDATES[:, 0]])
+    expected = []
+    for row in range(3):
+        ids = [i for i in LISTS[row].tolist() if i]
+        keys = table[ids]
+        if not ids:
+            expected.append(torch.zeros(4))
+        elif pooling == "sum":
+            expected.append(keys.sum(0))
+        elif pooling == "mean":
+            expected.append(keys.mean(0))
+        else:
+            query = table[CANDIDATES[row, 0]].expand_as(keys)
+            mlp = layer.attention["0"]
+            scores = mlp(torch.cat([keys, query, keys * query, keys - query], 1)).squeeze(1)
+            expected.append((torch.softmax(scores, 0)[:, None] * keys).sum(0))
+    torch.testing.assert_close(fields[:, 1], torch.stack(expected).detach())
+
+
+def test_the_gradient_reaches_the_shared_table() -> None:
+    torch.manual_seed(0)
+    lists = [SequenceInput(table=0, max_len=3, pooling="mean")]
+    network = DNN([6], 0, embedding_dim=4, hidden=(8,), sequences=lists)
+    network(CANDIDATES, torch.zeros(3, 0), LISTS).sum().backward()
+    grad = network.embeddings.table.weight.grad.coalesce()
+    rows = {r for r, g in zip(grad.indices()[0].tolist(), grad.values(), strict=True) if g.any()}
+    # The candidates' rows and the history's (2, 3, 4), never the padding row 0.
+    assert rows == {1, 2, 3, 4}
