@@ -97,9 +97,9 @@ def test_categorical_forms() -> None:
     assert parse_categorical(["a", {"b": 10}]) == {"a": "vocab", "b": 10}
     with pytest.raises(DataConfigError, match="names column 'a' twice"):
         parse_categorical(["a", {"a": 10}])
-    with pytest.raises(DataConfigError, match="data.categorical='a'"):
+    with pytest.raises(DataConfigError, match=r"data\.categorical='a'"):
         parse_categorical("a")
-    with pytest.raises(DataConfigError, match="data.categorical.b=1: expected an integer >= 2"):
+    with pytest.raises(DataConfigError, match=r"data\.categorical\.b=1: expected an integer >= 2"):
         FeatureSpec(categorical={"b": 1}, dense=[], behaviours={"c": "c"}, group_key="g")
 
 
