@@ -131,3 +131,77 @@ def test_the_gradient_reaches_the_shared_table() -> None:
     rows = {r for r, g in zip(grad.indices()[0].tolist(), grad.values(), strict=True) if g.any()}
     # The candidates' rows and the history's (2, 3, 4), never the padding row 0.
     assert rows == {1, 2, 3, 4}
+
+
+def feed_with_lists(folder: Path, fmt: str) -> Path:
+    """Three splits with an id column, a history sharing its table, string tags and a click."""
+    rng = np.random.default_rng(3)
+    for split, rows in (("train", 1500), ("val", 400), ("test", 400)):
+        items = rng.integers(0, 80, rows)
+        history = [
+            None if i % 17 == 0 else rng.integers(0, 90, rng.integers(0, 9)).tolist()
+            for i in range(rows)
+        ]
+        tags = [[f"t{t}" for t in rng.integers(0, 12, rng.integers(0, 4))] for _ in range(rows)]
+        table = pa.table(
+            {"item": items, "history": history, "tags": tags, "click": rng.integers(0, 2, rows)}
+        )
+        (folder / split).mkdir(parents=True)
+        path = folder / split / f"part.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(table, path, row_group_size=128)
+        else:
+            cells = {
+                c: ["|".join(map(str, v)) if v is not None else None for v in table[c].to_pylist()]
+                for c in ("history", "tags")
+            }
+            pacsv.write_csv(
+                table.drop_columns(["history", "tags"])
+                .append_column("history", pa.array(cells["history"], pa.string()))
+                .append_column("tags", pa.array(cells["tags"], pa.string())),
+                path,
+            )
+    return folder
+
+
+def rows_with_lists(batches) -> list[tuple]:
+    out = []
+    for b in batches:
+        parts = [b.categorical, b.sequences, b.behaviours.long()]
+        out += map(tuple, torch.cat(parts, 1).tolist())
+    return sorted(out)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_stream_mode_equals_memory_mode(tmp_path: Path, fmt: str) -> None:
+    from train.data.module import ImpressionDataModule
+    from train.weights import build_scheme
+
+    folder = feed_with_lists(tmp_path, fmt)
+    modules = [
+        ImpressionDataModule(
+            categorical=["item"],
+            dense=[],
+            behaviours={"click": "click"},
+            group_key="item",
+            train=f"{folder}/train",
+            val=f"{folder}/val",
+            test=f"{folder}/test",
+            sequences={
+                "history": {"table": "item", "max_len": 5, "pooling": "attention"},
+                "tags": {"max_len": 3, "pooling": "sum"},
+            },
+            batch_size=100,
+            num_workers=0,
+            mode=mode,
+        )
+        for mode in ("memory", "stream")
+    ]
+    stats = [m.prepare(build_scheme(label="click")) for m in modules]
+    # The history's ids (0..89) join the item vocabulary (items 0..79) they share.
+    assert stats[0] == stats[1] and stats[0].ids["item"]["distinct"] > 80
+    memory, stream = modules
+    assert memory.spec.vocabularies == stream.spec.vocabularies
+    assert set(stream.spec.vocabularies) == {"item", "tags"}  # the history shares item's
+    assert rows_with_lists(memory.train_dataloader()) == rows_with_lists(stream.train_dataloader())
+    assert rows_with_lists(memory.val_dataloader()) == rows_with_lists(stream.val_dataloader())
