@@ -170,3 +170,25 @@ def test_a_training_split_of_one_id_type_per_column(tmp_path) -> None:
     )
     with pytest.raises(DataError, match="id column 'item' holds string values"):
         data.prepare(build_scheme(label="click"))
+
+
+def test_resuming_on_other_training_ids_is_refused() -> None:
+    from train.data.stats import TrainStats
+    from train.model import DNN
+    from train.module import RankingModule, VocabularyMismatch
+
+    def module(ids: list[int]) -> RankingModule:
+        spec = FeatureSpec(
+            categorical={"item": "vocab"},
+            dense=[],
+            behaviours={"click": "click"},
+            group_key="item",
+        ).with_vocabularies({"item": vocabulary(ids)})
+        stats = TrainStats(1, [], [], [], {"click": 0.5}, {"click": 0.5})
+        network = DNN(spec.cardinalities, 0, hidden=(4,), embedding_dim=2)
+        return RankingModule(network, build_scheme(label="click"), spec, stats, torch.optim.Adam)
+
+    saved = {"upweight": module([1, 2, 3]).artifact, "state_dict": {}}
+    module([1, 2, 3]).on_load_checkpoint(saved)  # the same ids: fine
+    with pytest.raises(VocabularyMismatch, match="vocabulary of table 'item' differs"):
+        module([1, 2, 4]).on_load_checkpoint(saved)

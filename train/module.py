@@ -14,6 +14,8 @@ from torch import nn
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
+from train.data.vocabulary import Vocabulary
+from train.errors import UpweightError
 from train.heads import PerHeadBCE
 from train.layout import ARTIFACT_KEY
 from train.metrics import BehaviourMetrics
@@ -27,6 +29,10 @@ from train.weights import WeightScheme
 # Epoch metrics are computed over every rank's rows by BehaviourMetrics itself; Lightning's
 # advice to sync_dist them would average values that are already global.
 warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True")
+
+class VocabularyMismatch(UpweightError):
+    """A checkpoint resumed on training data whose ids are not the ones it was trained on."""
+
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
@@ -220,6 +226,17 @@ class RankingModule(L.LightningModule):
         checkpoint["skipped_batches"] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming rebuilds the vocabularies from data.train: other training ids would give the
+        # saved embedding rows to other ids, silently.
+        saved = ((checkpoint.get(ARTIFACT_KEY) or {}).get("spec") or {}).get("vocabularies") or {}
+        ours = self.artifact["spec"].get("vocabularies") or {}
+        for table in sorted(saved.keys() & ours.keys()):
+            if Vocabulary.from_state(saved[table]) != Vocabulary.from_state(ours[table]):
+                raise VocabularyMismatch(
+                    f"the checkpoint's vocabulary of table {table!r} differs from the one this "
+                    "run built from data.train: resume with the training data the checkpoint "
+                    "was trained on (its embedding rows belong to those ids)"
+                )
         self.guard.skipped.fill_(int(checkpoint.get("skipped_batches", 0)))
         state = checkpoint.get("state_dict") or {}
         for old, new in LEGACY_STATE_KEYS.items():
