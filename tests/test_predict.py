@@ -103,7 +103,7 @@ def test_checkpoint_scorer_equals_the_training_module_forward(run):
     )
     module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
     assert torch.equal(module.preprocess.mean, torch.tensor(stats["dense_mean"]))
-    categorical, dense = model_inputs(simulated(run, "val").slice(0, 2000), spec, "val")
+    categorical, dense, _ = model_inputs(simulated(run, "val").slice(0, 2000), spec, "val")
     assert torch.isnan(dense).any(), "the fill is part of what is compared"
     with torch.no_grad():
         expected = torch.sigmoid(module.eval()(categorical, dense))

@@ -101,7 +101,7 @@ def test_training_and_prediction_featurise_identically(parquet):
     assert table["author_followers_log"].null_count > 0
     spec = spec_for("mean")
     batch = featurize(table, spec, "rows")
-    categorical, dense = model_inputs(table, spec, "rows")
+    categorical, dense, _ = model_inputs(table, spec, "rows")
     assert categorical.dtype == batch.categorical.dtype == torch.int64
     assert dense.dtype == batch.dense.dtype == torch.float32
     assert torch.equal(categorical, batch.categorical)
@@ -113,7 +113,7 @@ def test_training_and_prediction_featurise_identically(parquet):
     assert (categorical[::9, 0] == 0).all() and (categorical[1::9, 0] > 0).all()
     # The prediction path reads only the model's columns: behaviours are not needed.
     slim = table.select([*spec.categorical, *spec.dense])
-    slim_categorical, slim_dense = model_inputs(slim, spec, "rows")
+    slim_categorical, slim_dense, _ = model_inputs(slim, spec, "rows")
     assert torch.equal(slim_categorical, categorical)
     torch.testing.assert_close(slim_dense, dense, rtol=0, atol=0, equal_nan=True)
 
@@ -177,7 +177,7 @@ def test_module_scorer_predict_and_export_score_alike(parquet, tmp_path, fill, m
     module = train_module(table, fill, model)
     assert module.preprocess.fill == fill
     spec = spec_for(fill)
-    categorical, dense = model_inputs(table, spec, "rows")
+    categorical, dense, _ = model_inputs(table, spec, "rows")
     expected = module_probs(module, categorical, dense)
     ckpt = save(module, tmp_path / "model.ckpt")
 
@@ -224,7 +224,7 @@ def test_the_fill_changes_the_scores_of_missing_values_only(parquet):
     table = read(parquet)
     mean, zero = train_module(table, "mean", "dnn"), train_module(table, "zero", "dnn")
     assert torch.equal(mean.preprocess.mean, zero.preprocess.mean)
-    categorical, dense = model_inputs(table, spec_for("mean"), "rows")
+    categorical, dense, _ = model_inputs(table, spec_for("mean"), "rows")
     missing = torch.isnan(dense).any(1)
     a, b = module_probs(mean, categorical, dense), module_probs(zero, categorical, dense)
     assert torch.equal(a[~missing], b[~missing])
@@ -250,7 +250,7 @@ def test_an_old_layout_checkpoint_resumes_into_the_module(parquet, tmp_path, fil
     assert not torch.equal(resumed.preprocess.mean, saved.preprocess.mean)
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])
-    categorical, dense = model_inputs(table, spec_for(fill), "rows")
+    categorical, dense, _ = model_inputs(table, spec_for(fill), "rows")
     torch.testing.assert_close(
         module_probs(resumed, categorical, dense),
         module_probs(saved, categorical, dense),
