@@ -35,6 +35,11 @@ TINY_DATA = [
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
+    # Hashed, with small buckets: the tests score string and int ids of one column alike (a
+    # vocabulary refuses ids of another type), and checkpoints stay small. One list holding
+    # one mapping: the default is a list, which a mapping cannot replace.
+    "data.categorical=[{user_id: 1000, video_id: 2000, author_id: 200, category: 100, hour: 24, "
+    "device: 10}]",
 ]
 """The simulated feed of a tiny run (for tests that choose the hardware themselves)."""
 TINY_RUN = [
@@ -190,7 +195,8 @@ def write_checkpoint(
     **model: Any,
 ) -> Path:
     """A checkpoint in the layout `python -m train` writes (state_dict with `model.*` and the
-    dense statistics, `upweight` with plain types), of a randomly initialised network.
+    dense statistics, `upweight` with plain types), of a randomly initialised network. `spec` is
+    in its checkpoint form (`FeatureSpec.state()`: vocabularies as their `state()`).
     `legacy=True`: the layout of format-1 files written before `train.preprocess` (statistics
     under `dense_mean`/`dense_std`, the fill rule beside the spec instead of in it)."""
     from train.checkpoint import build_network
@@ -200,7 +206,7 @@ def write_checkpoint(
     config = {"_target_": target, "_partial_": True, "hidden": [16, 8], "embedding_dim": 4}
     config |= model
     torch.manual_seed(seed)
-    network = build_network(config, FeatureSpec(**spec), "test", ["tests."])
+    network = build_network(config, FeatureSpec.from_state(spec), "test", ["tests."])
     dense = len(spec["dense"])
     mean = torch.linspace(10.0, 20.0, dense)
     std = torch.linspace(2.0, 5.0, dense)

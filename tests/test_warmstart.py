@@ -224,7 +224,7 @@ def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path
     done = run_job(
         *TINY_TRAINED,
         f"init_from={source}/checkpoints/best.ckpt",
-        "data.categorical=[{user_id:500},video_id,author_id,category,hour,device]",
+        "data.categorical=[{user_id: 500, video_id: 2000, author_id: 200, category: 100, hour: 24, device: 10}]",
         f"paths.output_dir={tmp_path}/warm",
         cwd=tmp_path,
     )

@@ -1,11 +1,24 @@
 """`python -m train.export ckpt=URL out=URL`: a self-contained serving artifact.
 
-The folder holds `model.pt2` (a `torch.export` program: hashed bucket ids [B, C] int64 and raw
-dense features [B, D] float32 -> probabilities [B, K], the dense fill and standardisation
-inside), `feature_spec.json` (the columns in input order, the hashing that turns raw ids into
-bucket ids, the training statistics, the weight scheme) and `serve.py`, which loads both with
-only torch and numpy and scores raw rows. Before anything is written the program is reloaded
-the way serve.py loads it and checked against the checkpoint's own scorer.
+The folder holds `model.pt2` (a `torch.export` program: table rows of the categorical columns
+[B, C] int64, raw dense features [B, D] float32 and, when the model has list columns, their
+table rows [B, Σ max_len] int64 -> probabilities [B, K], the dense fill and standardisation
+inside), `feature_spec.json` and `serve.py`, which loads both with only torch and numpy and
+scores raw rows. Before anything is written the program is reloaded the way serve.py loads it
+and checked against the checkpoint's own scorer.
+
+`feature_spec.json` (format 2; serve.py still reads format 1, which had hashed columns only and
+no list columns) is plain JSON:
+
+- `categorical`: the columns in input order, each with its table's encoding: `{"name",
+  "buckets"}` (hashed, `hashing`) or `{"name", "vocabulary": {"kind": "int"|"string", "ids":
+  [...], "null_index", "oov_index", "first_index"}}` (`vocabulary_rule`);
+- `sequences`: the list columns in input order, `{"name", "max_len", "pooling", "table"}`.
+  `table` names the categorical column whose table (encoding and embeddings) the list shares,
+  or is the list's own name: then the entry itself carries its own table's encoding, `buckets`
+  or `vocabulary` as a categorical entry does. Each table's encoding is written once;
+- `dense`, `dense_fill`, `dense_rule`: the dense features and their training statistics;
+- `outputs`, `scheme`, `model`, `training`: what the probabilities are and where they came from.
 """
 
 from __future__ import annotations
@@ -25,7 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from train import serve
 from train.checkpoint import Checkpoint, load
+from train.data.features import NULL_BUCKET, FeatureSpec
 from train.data.io import filesystem
+from train.data.vocabulary import NULL_INDEX, OOV_INDEX, RESERVED, VOCAB
 from train.errors import UpweightError
 from train.secrets import safe_url
 
@@ -42,6 +57,12 @@ HASHING = {
     "types": "an id hashes by its type: the int 7 and the string '7' differ; send ids with the "
     "type the training files had",
 }
+VOCABULARY_RULE = (
+    "an id equal to ids[i] -> first_index + i; any other id (seen fewer than min_count times in "
+    "training, or never) -> oov_index; a null id (None, NaN) -> null_index. Ints (booleans, "
+    "integral floats) compare as int64, strings as strings; kind 'int' refuses string ids and "
+    "kind 'string' int ids, as training does"
+)
 ATOL = 1e-5
 """How far the exported program may drift from the checkpoint's scorer (float32 rounding)."""
 
@@ -61,15 +82,14 @@ class Artifact:
 def build(checkpoint: Checkpoint, check_rows: int = 257) -> Artifact:
     """Export the checkpoint's scorer and check the reloaded program against it."""
     scorer = checkpoint.scorer.cpu().eval()
-    spec = checkpoint.spec
-    categorical, dense = _check_batch(spec.cardinalities, len(spec.dense), check_rows)
+    inputs = _check_batch(checkpoint.spec, check_rows)
     batch = torch.export.Dim("batch", min=1)
     try:
         with torch.no_grad():
             program = torch.export.export(
                 scorer,
-                (categorical[:8], dense[:8]),
-                dynamic_shapes=({0: batch}, {0: batch}),
+                tuple(x[:8] for x in inputs),
+                dynamic_shapes=tuple({0: batch} for _ in inputs),
             )
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
@@ -83,7 +103,7 @@ def build(checkpoint: Checkpoint, check_rows: int = 257) -> Artifact:
         serve.SPEC: (json.dumps(feature_spec(checkpoint), indent=2) + "\n").encode(),
         "serve.py": Path(serve.__file__).read_bytes(),
     }
-    difference = _verify(files, scorer, categorical, dense)
+    difference = _verify(files, scorer, inputs)
     if not difference <= ATOL:
         raise ExportError(
             f"ckpt={checkpoint.source}: the exported program differs from the checkpoint by "
@@ -93,26 +113,48 @@ def build(checkpoint: Checkpoint, check_rows: int = 257) -> Artifact:
 
 
 def feature_spec(checkpoint: Checkpoint) -> dict[str, Any]:
-    """Everything a serving system needs besides the program, in plain JSON."""
+    """Everything a serving system needs besides the program, in plain JSON (see the module
+    docstring)."""
     spec, scorer, artifact = checkpoint.spec, checkpoint.scorer, checkpoint.artifact
     mean, std = scorer.preprocess.mean.tolist(), scorer.preprocess.std.tolist()
+    inputs = {
+        "categorical": f"int64 [batch, {len(spec.categorical)}] table rows of the columns of "
+        "`categorical`, in that order: hash buckets (`buckets`) or vocabulary indices "
+        "(`vocabulary`)",
+        "dense": f"float32 [batch, {len(spec.dense)}] raw values, NaN where missing, "
+        "in the order of `dense`",
+    }
+    if spec.sequences:
+        inputs["sequences"] = (
+            f"int64 [batch, {scorer.list_width}] the columns of `sequences` side by side, in "
+            "that order, each max_len wide: its last max_len elements in list order, each "
+            "mapped to a row of its table (`table`: a categorical column's, or its own "
+            "`buckets`/`vocabulary`; a null element -> the null row), then padded with the "
+            "table's null row (left out of the pooling); a null or empty list is all padding"
+        )
     return {
         "format": serve.FORMAT,
         "program": {
             "file": serve.PROGRAM,
-            "inputs": {
-                "categorical": f"int64 [batch, {len(spec.categorical)}] bucket ids, columns "
-                "in the order of `categorical`",
-                "dense": f"float32 [batch, {len(spec.dense)}] raw values, NaN where missing, "
-                "in the order of `dense`",
-            },
+            "inputs": inputs,
             "output": f"float32 [batch, {len(scorer.outputs)}] probabilities, columns named "
             "by `outputs`",
         },
         "outputs": list(scorer.outputs),
-        "categorical": [{"name": c, "buckets": b} for c, b in spec.categorical.items()],
-        "null_bucket": 0,
+        "categorical": [{"name": c, **_encoding(spec, c)} for c in spec.categorical],
+        "sequences": [
+            {
+                "name": c,
+                "max_len": s.max_len,
+                "pooling": s.pooling,
+                "table": spec.table_of(c),
+                **(_encoding(spec, c) if s.table is None else {}),
+            }
+            for c, s in spec.sequences.items()
+        ],
+        "null_bucket": NULL_BUCKET,
         "hashing": HASHING,
+        "vocabulary_rule": VOCABULARY_RULE,
         "dense": [
             {"name": c, "mean": m, "std": s} for c, m, s in zip(spec.dense, mean, std, strict=True)
         ],
@@ -127,6 +169,23 @@ def feature_spec(checkpoint: Checkpoint) -> dict[str, Any]:
             "checkpoint": safe_url(checkpoint.source),
         },
         "torch": torch.__version__,
+    }
+
+
+def _encoding(spec: FeatureSpec, table: str) -> dict[str, Any]:
+    """A table's encoding as feature_spec.json writes it: `buckets` or `vocabulary`."""
+    encoding = spec.tables[table]
+    if encoding != VOCAB:
+        return {"buckets": int(encoding)}
+    vocabulary = spec.vocabularies[table]
+    return {
+        "vocabulary": {
+            "kind": vocabulary.kind,
+            "ids": vocabulary.values.tolist(),
+            "null_index": NULL_INDEX,
+            "oov_index": OOV_INDEX,
+            "first_index": RESERVED,
+        }
     }
 
 
@@ -176,37 +235,50 @@ def _write(fs: Any, path: str, data: bytes) -> None:
         fs.mv(target, path)
 
 
-def _check_batch(
-    cardinalities: Sequence[int], num_dense: int, rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random bucket ids (null bucket included) and dense values with NaNs."""
+def _check_batch(spec: FeatureSpec, rows: int) -> tuple[torch.Tensor, ...]:
+    """Valid inputs of every kind: random rows of every table (the null row included), dense
+    values with NaNs and, with list columns, lists of every length (empty, partly padded, full)
+    with null elements among them."""
     generator = torch.Generator().manual_seed(0)
+    sizes = spec.cardinalities
     categorical = torch.stack(
-        [torch.randint(0, b, (rows,), generator=generator) for b in cardinalities], dim=1
-    ).reshape(rows, len(cardinalities))
+        [
+            torch.randint(0, sizes[j], (rows,), generator=generator)
+            for j in range(len(spec.categorical))
+        ],
+        dim=1,
+    ).reshape(rows, len(spec.categorical))
     categorical[::7] = 0
-    dense = torch.randn(rows, num_dense, generator=generator) * 3
+    dense = torch.randn(rows, len(spec.dense), generator=generator) * 3
     dense[::5, :] = float("nan")
-    return categorical, dense
+    if not spec.sequences:
+        return categorical, dense
+    parts = []
+    for s in spec.sequence_inputs:
+        elements = torch.randint(0, sizes[s.table], (rows, s.max_len), generator=generator)
+        lengths = torch.randint(0, s.max_len + 1, (rows,), generator=generator)
+        lengths[::3] = 0
+        lengths[1::3] = s.max_len
+        padding = torch.arange(s.max_len) >= lengths.unsqueeze(1)
+        parts.append(elements.masked_fill(padding, 0))
+    return categorical, dense, torch.cat(parts, dim=1)
 
 
 def _verify(
-    files: Mapping[str, bytes],
-    scorer: torch.nn.Module,
-    categorical: torch.Tensor,
-    dense: torch.Tensor,
+    files: Mapping[str, bytes], scorer: torch.nn.Module, inputs: Sequence[torch.Tensor]
 ) -> float:
-    """Reload the program as serve.py does and compare it to the eager scorer (odd batch sizes
-    included: the batch dimension is dynamic)."""
+    """Reload the program as serve.py does and compare it to the eager scorer on the same
+    inputs (odd batch sizes included: the batch dimension is dynamic)."""
     with tempfile.TemporaryDirectory() as folder:
         program_path = Path(folder) / serve.PROGRAM
         program_path.write_bytes(files[serve.PROGRAM])
         program = serve.load_program(program_path)
     worst = 0.0
     with torch.inference_mode():
-        for rows in (1, 3, len(categorical)):
-            expected = scorer(categorical[:rows], dense[:rows])
-            got = program(categorical[:rows], dense[:rows])
+        for rows in (1, 3, len(inputs[0])):
+            head = [x[:rows] for x in inputs]
+            expected = scorer(*head)
+            got = program(*head)
             worst = max(worst, float((got - expected).abs().max()))
     return worst
 

@@ -2,9 +2,10 @@
 data set with a trained checkpoint and write Parquet.
 
 Input is streamed in row batches (memory bounded by `batch_size`, never by the data set), ids
-are hashed and dense features standardised exactly as in training (statistics from the
-checkpoint), and only the feature columns and the `keep` columns are read: behaviours and
-oracle columns need not exist. With `procs=N` the input (files, and row groups of Parquet
+are hashed or looked up in the checkpoint's vocabularies, list columns cut to their last
+`max_len` elements (CSV cells split by `data.list_delimiter`) and dense features standardised
+exactly as in training (statistics from the checkpoint), and only the feature columns and the
+`keep` columns are read: behaviours and oracle columns need not exist. With `procs=N` the input (files, and row groups of Parquet
 files) is cut into N contiguous pieces by size, one per process, and each writes one part:
 `out/part-00000.parquet`, ... read in name order they hold the input rows in input order.
 """

@@ -13,11 +13,17 @@ or as a filter, one JSON object per line in and out:
 
     python serve.py path/to/artifact < rows.jsonl > scores.jsonl
 
-Raw ids are hashed exactly as in training (pandas' `hash_array`, re-implemented here): ints
-(and integral floats, booleans) by their 64-bit value, strings by their UTF-8 bytes. Pass ids
-with the type training read them with: the int 7 and the string "7" land in different buckets.
-A missing key, None or NaN is a null: bucket 0 for ids; for dense features the `dense_fill` of
-feature_spec.json (the training mean, or 0).
+Raw ids map to embedding rows exactly as in training. A hashed column (`buckets` in
+feature_spec.json) hashes them (pandas' `hash_array`, re-implemented here): ints (and integral
+floats, booleans) by their 64-bit value, strings by their UTF-8 bytes, so pass ids with the type
+training read them with: the int 7 and the string "7" land in different buckets. A vocabulary
+column (`vocabulary`) looks them up: a training id -> its own row, any other id (rare in
+training, or unseen) -> the out-of-vocabulary row; an int vocabulary refuses string ids and a
+string vocabulary int ids, as training does.
+A missing key, None or NaN is a null: the null row for ids; for dense features the `dense_fill`
+of feature_spec.json (the training mean, or 0). A list column takes a JSON array of ids (a
+missing key, None or [] is an empty list): its last `max_len` elements, in order, each mapped by
+its table as above (a None element is a null); anything but a list is an error.
 Columns that are not in the spec are ignored.
 """
 
@@ -36,7 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)
+"""Feature spec formats this serve.py reads: 1 (hashed ids only), 2 (vocabularies, list
+columns)."""
 PROGRAM = "model.pt2"
 SPEC = "feature_spec.json"
 
@@ -115,42 +124,127 @@ def siphash24(messages: Sequence[bytes], key: bytes = HASH_KEY) -> np.ndarray:
     return v0 ^ v1 ^ v2 ^ v3
 
 
-def hash_ids(values: Sequence[Any] | np.ndarray, buckets: int, column: str = "ids") -> np.ndarray:
-    """Raw ids -> bucket ids 1..buckets-1 (int64), nulls -> 0, as in training."""
-    values = values if isinstance(values, np.ndarray) else _object_array(values)
-    n = len(values)
-    hashed = np.zeros(n, dtype=_U64)
-    null = np.zeros(n, dtype=bool)
-    if values.dtype.kind in "iub":
-        hashed = splitmix64(values.astype(np.int64).view(_U64))
-    elif values.dtype.kind == "f":
+class Ids:
+    """Raw ids as training compares them: ints (booleans, integral floats) by their int64
+    value, strings, and nulls (None, NaN); positions index the values as given."""
+
+    def __init__(
+        self,
+        null: np.ndarray,
+        int_rows: np.ndarray,
+        ints: np.ndarray,
+        str_rows: np.ndarray,
+        strings: list[str],
+        inverse: np.ndarray,
+    ) -> None:
+        self.null = null
+        """bool [n]: None or NaN."""
+        self.int_rows, self.ints = int_rows, ints
+        """Positions of the int ids and their int64 values."""
+        self.str_rows, self.strings, self.inverse = str_rows, strings, inverse
+        """Positions of the string ids; the distinct strings; each position's one of them."""
+
+    def __len__(self) -> int:
+        return len(self.null)
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_INT_TYPES = {int, bool, type(None)}
+_STR_TYPES = {str, type(None)}
+
+
+def parse_ids(
+    values: Sequence[Any] | np.ndarray, column: str = "ids", rows: np.ndarray | None = None
+) -> Ids:
+    """Raw ids -> `Ids`. Numeric arrays, and lists of only ints or only strings (with nulls),
+    take no Python step per value; a list mixing types is checked value by value."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iubf":
+        return _numeric_ids(values, column, rows)
+    items = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    kinds = set(map(type, items))
+    if not (kinds <= _INT_TYPES or kinds <= _STR_TYPES):
+        return _checked_ids(items, column, rows)
+    array = _object_array(items)
+    null = np.equal(array, None).astype(bool)
+    present = np.flatnonzero(~null)
+    if kinds <= _INT_TYPES:
+        try:
+            ints = array[present].astype(np.int64)
+        except OverflowError:
+            return _checked_ids(items, column, rows)  # names the id beyond int64
+        return Ids(null, present, ints, _NO_ROWS, [], _NO_ROWS)
+    strings = array[present].tolist()
+    distinct = {v: i for i, v in enumerate(dict.fromkeys(strings))}
+    inverse = np.fromiter(map(distinct.__getitem__, strings), np.int64, len(strings))
+    return Ids(null, _NO_ROWS, _NO_ROWS, present, list(distinct), inverse)
+
+
+def _numeric_ids(values: np.ndarray, column: str, rows: np.ndarray | None) -> Ids:
+    null = np.zeros(len(values), dtype=bool)
+    if values.dtype.kind == "f":
         null = np.isnan(values)
         filled = np.where(null, 0, values)
-        if not np.array_equal(filled, np.trunc(filled)):
-            raise ArtifactError(f"{column}: non-integral float ids; expected integers or strings")
-        hashed = splitmix64(filled.astype(np.int64).view(_U64))
-    else:
-        ints: list[int] = []
-        int_rows: list[int] = []
-        strings: dict[str, list[int]] = {}
-        for i, value in enumerate(values):
-            kind = _id_kind(value, column, i)
-            if kind is None:
-                null[i] = True
-            elif isinstance(kind, str):
-                strings.setdefault(kind, []).append(i)
-            else:
-                ints.append(kind)
-                int_rows.append(i)
-        if ints:
-            hashed[int_rows] = splitmix64(np.array(ints, dtype=np.int64).view(_U64))
-        if strings:
-            # Ids repeat a lot within a request: hash each distinct string once.
-            unique = splitmix64(siphash24([s.encode("utf-8") for s in strings]))
-            for h, rows in zip(unique, strings.values(), strict=True):
-                hashed[rows] = h
+        bad = ~np.isfinite(filled) | (filled != np.trunc(filled))
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ArtifactError(
+                f"{column} row {_row(rows, first)}: non-integral float id {float(filled[first])!r}"
+                "; expected integers or strings"
+            )
+        values = filled
+    present = np.flatnonzero(~null)
+    # uint64 ids beyond 2**63 keep their bits as int64, as training reads them.
+    ints = values[present].astype(np.int64)
+    return Ids(null, present, ints, _NO_ROWS, [], _NO_ROWS)
+
+
+def _checked_ids(items: Sequence[Any], column: str, rows: np.ndarray | None) -> Ids:
+    null = np.zeros(len(items), dtype=bool)
+    ints: list[int] = []
+    int_rows: list[int] = []
+    strings: dict[str, list[int]] = {}
+    for i, value in enumerate(items):
+        kind = _id_kind(value, column, _row(rows, i))
+        if kind is None:
+            null[i] = True
+        elif isinstance(kind, str):
+            strings.setdefault(kind, []).append(i)
+        else:
+            ints.append(kind)
+            int_rows.append(i)
+    str_rows = np.array([i for positions in strings.values() for i in positions], np.int64)
+    inverse = np.repeat(np.arange(len(strings)), [len(p) for p in strings.values()])
+    return Ids(
+        null,
+        np.array(int_rows, dtype=np.int64),
+        np.array(ints, dtype=np.int64),
+        str_rows,
+        list(strings),
+        inverse.astype(np.int64),
+    )
+
+
+def _row(rows: np.ndarray | None, i: int) -> int:
+    return i if rows is None else int(rows[i])
+
+
+def hash_ids(
+    values: Sequence[Any] | np.ndarray,
+    buckets: int,
+    column: str = "ids",
+    rows: np.ndarray | None = None,
+    null_bucket: int = 0,
+) -> np.ndarray:
+    """Raw ids -> bucket ids 1..buckets-1 (int64), nulls -> `null_bucket`, as in training."""
+    ids = parse_ids(values, column, rows)
+    hashed = np.zeros(len(ids), dtype=_U64)
+    hashed[ids.int_rows] = splitmix64(ids.ints.view(_U64))
+    if ids.strings:
+        # Ids repeat a lot within a request: each distinct string is hashed once.
+        unique = splitmix64(siphash24([s.encode("utf-8") for s in ids.strings]))
+        hashed[ids.str_rows] = unique[ids.inverse]
     out = (hashed % _U64(buckets - 1)).astype(np.int64) + 1
-    out[null] = 0
+    out[ids.null] = null_bucket
     return out
 
 
@@ -286,6 +380,142 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# -- encodings: raw ids -> rows of an embedding table, as in training -----------------------
+
+
+class Buckets:
+    """A hashed table: `hash_ids` into 1..buckets-1, nulls to `null_bucket`."""
+
+    def __init__(self, buckets: int, null_bucket: int) -> None:
+        self.buckets = buckets
+        self.null = null_bucket
+
+    def encode(
+        self, values: Sequence[Any] | np.ndarray, column: str, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        return hash_ids(values, self.buckets, column, rows, self.null)
+
+
+class Vocabulary:
+    """An exact vocabulary: an id listed in `ids` -> `first_index` + its position; any other id
+    (rare in training, or unseen) -> `oov_index`; None/NaN -> `null_index`. Ints and strings
+    are looked up as what they are: an int vocabulary refuses string ids and vice versa, as
+    training does."""
+
+    def __init__(self, entry: Mapping[str, Any], where: str) -> None:
+        self.kind = _field(entry, "kind", where, str)
+        if self.kind not in ("int", "string"):
+            raise ArtifactError(f"{where}.kind={self.kind!r}: expected 'int' or 'string'")
+        ids = _field(entry, "ids", where, list)
+        self.null = _field(entry, "null_index", where, int)
+        self.oov = _field(entry, "oov_index", where, int)
+        first = _field(entry, "first_index", where, int)
+        if self.kind == "int":
+            if not all(type(v) is int and -(2**63) <= v < 2**63 for v in ids):
+                raise ArtifactError(f"{where}.ids: expected int64 integers (kind 'int')")
+            values = np.array(ids, dtype=np.int64)
+            # A sorted copy and each id's index: a lookup is one searchsorted per request.
+            order = np.argsort(values, kind="stable")
+            self.sorted = values[order]
+            self.indices = order.astype(np.int64) + first
+        else:
+            if not all(isinstance(v, str) for v in ids):
+                raise ArtifactError(f"{where}.ids: expected strings (kind 'string')")
+            self.lookup = {v: i + first for i, v in enumerate(ids)}
+
+    def encode(
+        self, values: Sequence[Any] | np.ndarray, column: str, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        ids = parse_ids(values, column, rows)
+        out = np.full(len(ids), self.oov, dtype=np.int64)
+        if self.kind == "int":
+            if ids.strings:
+                row = _row(rows, int(ids.str_rows[0]))
+                raise ArtifactError(
+                    f"{column} row {row}: string id {ids.strings[ids.inverse[0]]!r}; the "
+                    "vocabulary holds int ids (send them as numbers, as training read them)"
+                )
+            if len(self.sorted) and len(ids.ints):
+                at = np.searchsorted(self.sorted, ids.ints)
+                found = at < len(self.sorted)
+                found[found] = self.sorted[at[found]] == ids.ints[found]
+                out[ids.int_rows[found]] = self.indices[at[found]]
+        else:
+            if len(ids.int_rows):
+                row = _row(rows, int(ids.int_rows[0]))
+                raise ArtifactError(
+                    f"{column} row {row}: int id {int(ids.ints[0])}; the vocabulary holds "
+                    "string ids (send them as strings, as training read them)"
+                )
+            if ids.strings:
+                # One dict lookup per distinct string.
+                codes = [self.lookup.get(s, self.oov) for s in ids.strings]
+                out[ids.str_rows] = np.array(codes, dtype=np.int64)[ids.inverse]
+        out[ids.null] = self.null
+        return out
+
+
+Encoding = Buckets | Vocabulary
+
+
+def encoding(entry: Mapping[str, Any], spec: Mapping[str, Any], where: str) -> Encoding:
+    """The encoding a spec entry gives its table: `buckets` or `vocabulary`."""
+    if "vocabulary" in entry:
+        if "buckets" in entry:
+            raise ArtifactError(f"{where}: both buckets and vocabulary; expected one")
+        vocabulary = _field(entry, "vocabulary", where, Mapping)
+        return Vocabulary(vocabulary, f"{where}.vocabulary")
+    buckets = _field(entry, "buckets", where, int)
+    if buckets < 2:
+        raise ArtifactError(f"{where}.buckets={buckets}: expected an integer >= 2")
+    return Buckets(buckets, int(spec.get("null_bucket", 0)))
+
+
+def _field(entry: Mapping[str, Any], key: str, where: str, kind: Any) -> Any:
+    if not isinstance(entry, Mapping) or key not in entry:
+        raise ArtifactError(f"{where}: no {key!r}; the feature spec is incomplete")
+    value = entry[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ArtifactError(f"{where}.{key}={value!r}: expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+class ListColumn:
+    """A list column: its last `max_len` elements, in list order, each encoded by its table;
+    padded at the end with the table's null row (which the network leaves out of pooling)."""
+
+    def __init__(self, name: str, max_len: int, table: str, encoding: Encoding) -> None:
+        self.name = name
+        self.max_len = max_len
+        self.table = table
+        self.encoding = encoding
+
+    def encode(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Raw lists (None, NaN or [] for none) -> table rows [len(values), max_len] int64."""
+        tails: list[Any] = []
+        lengths = np.zeros(len(values), dtype=np.int64)
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            array = isinstance(value, np.ndarray)
+            if not (isinstance(value, list | tuple) or (array and value.ndim == 1)):
+                shown = repr(value)
+                raise ArtifactError(
+                    f"list column {self.name!r} row {i}: {type(value).__name__} "
+                    f"{shown if len(shown) <= 40 else shown[:37] + '...'}; expected a list of "
+                    "ids (a JSON array), or null"
+                )
+            tail = value[-self.max_len :]
+            tails.extend(tail.tolist() if array else tail)
+            lengths[i] = len(tail)
+        rows = np.repeat(np.arange(len(values), dtype=np.int64), lengths)
+        codes = self.encoding.encode(tails, f"list column {self.name!r}", rows)
+        position = np.arange(len(rows)) - (np.cumsum(lengths) - lengths)[rows]
+        out = np.full((len(values), self.max_len), self.encoding.null, dtype=np.int64)
+        out[rows, position] = codes
+        return out
+
+
 # -- the model ------------------------------------------------------------------------------
 
 
@@ -295,11 +525,34 @@ class Model:
     def __init__(self, program: torch.nn.Module, spec: Mapping[str, Any]) -> None:
         self.program = program
         self.spec = dict(spec)
-        self.categorical: list[tuple[str, int]] = [
-            (c["name"], int(c["buckets"])) for c in spec["categorical"]
+        self.tables: dict[str, Encoding] = {}
+        """Embedding table -> its encoding: one per categorical column, then one per list column
+        with a table of its own."""
+        for i, entry in enumerate(_field(spec, "categorical", SPEC, list)):
+            name = _field(entry, "name", f"{SPEC}: categorical[{i}]", str)
+            self.tables[name] = encoding(entry, spec, f"{SPEC}: categorical {name!r}")
+        self.categorical: list[str] = list(self.tables)
+        self.sequences: list[ListColumn] = []
+        for i, entry in enumerate(spec.get("sequences") or []):
+            name = _field(entry, "name", f"{SPEC}: sequences[{i}]", str)
+            where = f"{SPEC}: sequences {name!r}"
+            table = _field(entry, "table", where, str)
+            max_len = _field(entry, "max_len", where, int)
+            if max_len < 1:
+                raise ArtifactError(f"{where}.max_len={max_len}: expected an integer >= 1")
+            if table == name:
+                self.tables[name] = encoding(entry, spec, where)
+            elif table not in self.categorical:
+                raise ArtifactError(
+                    f"{where}.table={table!r}: expected a categorical column {self.categorical} "
+                    f"or {name!r} itself (a table of its own)"
+                )
+            self.sequences.append(ListColumn(name, max_len, table, self.tables[table]))
+        self.dense: list[str] = [
+            _field(d, "name", f"{SPEC}: dense[{i}]", str)
+            for i, d in enumerate(_field(spec, "dense", SPEC, list))
         ]
-        self.dense: list[str] = [d["name"] for d in spec["dense"]]
-        self.outputs: list[str] = list(spec["outputs"])
+        self.outputs: list[str] = list(_field(spec, "outputs", SPEC, list))
 
     @classmethod
     def load(cls, folder: str | Path) -> Model:
@@ -308,19 +561,22 @@ class Model:
             spec = json.loads((folder / SPEC).read_text())
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{folder / SPEC}: cannot read the feature spec ({err})") from err
-        if spec.get("format") != FORMAT:
+        if not isinstance(spec, dict) or spec.get("format") not in READS:
+            found = spec.get("format") if isinstance(spec, dict) else spec
             raise ArtifactError(
-                f"{folder / SPEC}: format {spec.get('format')!r}; this serve.py reads {FORMAT}"
+                f"{folder / SPEC}: format {found!r}; this serve.py reads "
+                f"{' or '.join(map(str, READS))}"
             )
         return cls(load_program(folder / PROGRAM), spec)
 
     @property
     def columns(self) -> list[str]:
-        """The raw columns a row may carry (categorical ids, then dense features)."""
-        return [name for name, _ in self.categorical] + self.dense
+        """The raw columns a row may carry (categorical ids, list columns, dense features)."""
+        return [*self.categorical, *(s.name for s in self.sequences), *self.dense]
 
-    def features(self, columns: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw columns -> (bucket ids int64 [B, C], raw dense float32 [B, D])."""
+    def features(self, columns: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Raw columns -> what the program takes: (table rows int64 [B, C], raw dense float32
+        [B, D]), and the list columns' table rows int64 [B, Σ max_len] when the model has any."""
         missing = [c for c in self.columns if c not in columns]
         if missing:
             raise ArtifactError(f"missing column(s) {missing}; the model reads {self.columns}")
@@ -332,24 +588,29 @@ class Model:
                     f"{self.columns[0]!r} has {rows}"
                 )
         categorical = np.zeros((rows, len(self.categorical)), dtype=np.int64)
-        for j, (name, buckets) in enumerate(self.categorical):
-            categorical[:, j] = hash_ids(columns[name], buckets, name)
+        for j, name in enumerate(self.categorical):
+            categorical[:, j] = self.tables[name].encode(columns[name], name)
         dense = np.zeros((rows, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             dense[:, j] = dense_column(columns[name], name)
-        return torch.from_numpy(categorical), torch.from_numpy(dense)
+        inputs = [torch.from_numpy(categorical), torch.from_numpy(dense)]
+        if self.sequences:
+            lists = [s.encode(columns[s.name]) for s in self.sequences]
+            inputs.append(torch.from_numpy(np.concatenate(lists, axis=1)))
+        return tuple(inputs)
 
     def score_columns(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Columns of raw values (lists or arrays, one per spec column) -> output columns."""
-        categorical, dense = self.features(columns)
-        if len(categorical) == 0:
+        inputs = self.features(columns)
+        if len(inputs[0]) == 0:
             return {name: np.zeros(0, dtype=np.float32) for name in self.outputs}
         with torch.inference_mode():
-            probs = self.program(categorical, dense).numpy()
+            probs = self.program(*inputs).numpy()
         return {name: probs[:, k] for k, name in enumerate(self.outputs)}
 
     def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        """Rows as dicts of raw values; a key missing from a row is a null."""
+        """Rows as dicts of raw values; a key missing from a row is a null (an empty list for
+        a list column)."""
         absent = [c for c in self.columns if rows and not any(c in row for row in rows)]
         if absent:
             # In no row at all: a misspelt or forgotten column, not a null.
