@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
 
-from train.data.synthetic import FeedSimulator, main
+from train.data.synthetic import LIST_DELIMITER, FeedSimulator, World, main
 
 EXPECTED_SCHEMA = [
     ("user_id", pa.int64()),
@@ -38,7 +38,10 @@ EXPECTED_SCHEMA = [
     ("p_finish", pa.float32()),
     ("p_like", pa.float32()),
     ("e_watch_s", pa.float32()),
+    ("hist_videos", pa.list_(pa.int64())),
+    ("tags", pa.list_(pa.string())),
 ]
+LIST_COLUMNS = ["hist_videos", "tags"]
 ID_COLUMNS = ["user_id", "video_id", "author_id", "category", "hour", "device"]
 DENSE_COLUMNS = ["video_len_s", "user_activity", "video_age_days", "author_followers_log"]
 BEHAVIOURS = ["click", "finish", "like", "watch_s"]
@@ -135,15 +138,57 @@ def test_split_sizes_and_table_validation() -> None:
         ("clickbait_share", -0.1),
         ("clickbait_share", "0.1"),
         ("seed", -1),
+        ("history_len", -1),
+        ("history_len", 2.0),
+        ("history_len", True),
+        ("n_tags", 0),
+        ("interest_scale", -0.1),
+        ("interest_scale", float("inf")),
+        ("interest_scale", "0.5"),
     ],
 )
 def test_post_init_rejects_bad_fields(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^data\.simulator\.{field}="):
         FeedSimulator(**{field: value})
 
 
 def test_zero_clickbait_share_is_allowed() -> None:
     assert not small(clickbait_share=0.0).world().is_clickbait.any()
+
+
+def test_list_sizes_change_only_the_list_columns() -> None:
+    # Histories and tags draw from streams of their own.
+    base = small().table("train")
+    other = small(history_len=5, n_tags=7).table("train")
+    rest = [name for name in base.column_names if name not in LIST_COLUMNS]
+    assert_tables_equal(base.select(rest), other.select(rest))
+    # A shorter window is the tail of the longer one, with the same nulls.
+    long, short = base["hist_videos"].to_pylist(), other["hist_videos"].to_pylist()
+    for a, b in zip(long, short, strict=True):
+        assert b is None if a is None else b == a[-5:]
+    assert {tag for tags in other["tags"].to_pylist() for tag in tags} <= {
+        f"t{i}" for i in range(7)
+    }
+    empty = small(history_len=0).table("val")["hist_videos"].to_pylist()
+    assert [] in empty and all(h is None or h == [] for h in empty)
+
+
+def test_interest_scale_zero_only_drops_the_interest_term() -> None:
+    on, off = small().table("train"), small(interest_scale=0.0).table("train")
+    kept = [*ID_COLUMNS, *DENSE_COLUMNS, "tags"]
+    assert_tables_equal(on.select(kept), off.select(kept))
+    w = small().world()
+    user, video = on["user_id"].to_numpy(), on["video_id"].to_numpy()
+
+    def logit(table: pa.Table) -> np.ndarray:
+        p = table["p_click"].to_numpy().astype(np.float64)
+        return np.log(p / (1 - p))
+
+    # The oracle knows the term: the click logits differ by exactly it.
+    term = w.interest[user, w.video_topic[video]]
+    np.testing.assert_allclose(logit(on) - logit(off), term, atol=1e-4)
+    assert 0.4 < w.interest.std() < 0.8
+    assert not small(interest_scale=0.0).world().interest.any()
 
 
 # ---------------------------------------------------------------- columns and behaviours
@@ -152,6 +197,53 @@ def test_zero_clickbait_share_is_allowed() -> None:
 def test_columns_and_dtypes_are_exact() -> None:
     table = small().table("val")
     assert [(f.name, f.type) for f in table.schema] == EXPECTED_SCHEMA
+
+
+def world_history(w: World, user: int) -> tuple[np.ndarray, np.ndarray]:
+    """User's clicked videos and their days in the universe's log, oldest first."""
+    part = slice(w.log_offsets[user], w.log_offsets[user + 1])
+    return w.log_video[part], w.log_day[part]
+
+
+def test_history_is_the_users_latest_clicks_before_the_impression() -> None:
+    sim = small(history_len=8)
+    w = sim.world()
+    assert (np.diff(w.log_offsets) >= 0).all() and w.log_offsets[-1] == len(w.log_video)
+    assert ((w.log_video >= 0) & (w.log_video < sim.n_videos)).all()
+    checked = 0
+    for split in ("train", "val", "test"):
+        d = sim.table(split).to_pandas()
+        # The impression's day, recovered from the video's age (float32, so a tolerance).
+        day = d["video_age_days"].to_numpy(np.float64) - w.video_base_age_days[d["video_id"]]
+        for user, when, hist in zip(d["user_id"], day, d["hist_videos"], strict=True):
+            if hist is None or np.isnan(when):
+                continue
+            videos, days = world_history(w, user)
+            assert (np.diff(days) >= 0).all()
+            end = np.searchsorted(days, when)
+            if np.abs(days - when).min(initial=1.0) < 1e-3:
+                continue  # a click too close to the impression to tell the order
+            # The most recent clicks before the impression, at most history_len, latest last.
+            np.testing.assert_array_equal(hist, videos[max(0, end - 8) : end])
+            checked += 1
+    assert checked > 8_000
+
+
+def test_tags_are_per_video_and_follow_the_topic() -> None:
+    sim = small()
+    d = pd.concat([sim.table(split).to_pandas() for split in ("train", "val", "test")])
+    tags = d["tags"].map(list)
+    assert tags.map(len).between(1, 4).all()
+    assert (tags.map(lambda t: len(set(t))) == tags.map(len)).all()
+    assert set(tags.explode()) <= {f"t{i}" for i in range(sim.n_tags)}
+    # Tags belong to the video, the same in every split...
+    per_video = tags.map(tuple).groupby(d["video_id"].to_numpy()).nunique()
+    assert (per_video == 1).all()
+    # ...and the first names the video's topic: one category per first tag.
+    first = tags.map(lambda t: t[0])
+    assert (d.groupby(first.to_numpy())["category"].nunique() == 1).all()
+    topic = sim.world().video_topic[d["video_id"]]
+    assert (pd.Series(topic).groupby(first.to_numpy()).nunique() == 1).all()
 
 
 def test_value_ranges_and_missing_values(big_train: pd.DataFrame) -> None:
@@ -170,6 +262,11 @@ def test_value_ranges_and_missing_values(big_train: pd.DataFrame) -> None:
     assert 0.003 < d["video_age_days"].isna().mean() < 0.008
     assert d["author_followers_log"].isna().any()
     assert not d["video_len_s"].isna().any() and not d["user_activity"].isna().any()
+    # Null histories are a logging artefact too; tags are never missing.
+    assert 0.007 < d["hist_videos"].isna().mean() < 0.013
+    assert not d["tags"].isna().any()
+    lengths = d["hist_videos"].dropna().map(len)
+    assert lengths.max() == 30 and (lengths == 0).any() and lengths.mean() > 15
     for col in ("click", "finish", "like"):
         assert set(d[col].unique()) <= {0, 1}
     for col in ORACLES[:3]:
@@ -239,6 +336,30 @@ def test_clickbait_is_clicked_then_abandoned(big: FeedSimulator, big_train: pd.D
     assert d.loc[clicked & bait, "like"].mean() < d.loc[clicked, "like"].mean()
 
 
+def test_history_reveals_the_categories_a_user_clicks(
+    big: FeedSimulator, big_train: pd.DataFrame
+) -> None:
+    d = big_train
+    w = big.world()
+    # Full histories only: their length says nothing of how click-happy the user is.
+    full = d.loc[d["hist_videos"].map(len, na_action="ignore") == big.history_len]
+    items = np.concatenate(full["hist_videos"].to_numpy())
+    row = np.repeat(np.arange(len(full)), big.history_len)
+    category = full["category"].to_numpy()
+    same = w.video_category[items] == category[row]
+    x = pd.DataFrame(
+        {
+            "share": np.bincount(row, weights=same, minlength=len(full)) / big.history_len,
+            "click": full["click"].to_numpy(),
+        }
+    )
+    # Within a category (its popularity and click pull taken out), users who clicked it more
+    # often before click it more now: the history shows what the click logit's user terms do.
+    centred = x - x.groupby(category).transform("mean")
+    corr = np.corrcoef(centred["share"], centred["click"])[0, 1]
+    assert corr > 0.03, corr
+
+
 def test_id_bias_model_gets_close_to_the_oracle() -> None:
     # A logistic regression on one-hot ids can only learn per-id biases; it must come close
     # to the oracle, otherwise the world is not learnable by the real model either.
@@ -265,8 +386,22 @@ def read_parquet(paths: list[str]) -> pa.Table:
 
 
 def read_csv(paths: list[str]) -> pa.Table:
-    options = pacsv.ConvertOptions(column_types=dict(EXPECTED_SCHEMA))
-    return pa.concat_tables(pacsv.read_csv(p, convert_options=options) for p in paths)
+    """Read CSV shards back to the simulator's schema, splitting list cells on the delimiter."""
+    text = {name: pa.string() for name in LIST_COLUMNS}
+    options = pacsv.ConvertOptions(
+        column_types={**dict(EXPECTED_SCHEMA), **text},
+        # An empty field is a null list, a quoted "" an empty one.
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+    )
+    table = pa.concat_tables(pacsv.read_csv(p, convert_options=options) for p in paths)
+    for name, kind in EXPECTED_SCHEMA:
+        if name in LIST_COLUMNS:
+            cells = table[name].to_pylist()
+            items = [c if c is None else c.split(LIST_DELIMITER) if c else [] for c in cells]
+            column = pa.array(items, pa.list_(pa.string())).cast(kind)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
 
 
 def test_write_parquet_shards_round_trip(tmp_path: Path) -> None:
@@ -284,6 +419,9 @@ def test_write_csv_round_trip(tmp_path: Path) -> None:
     paths = sim.write(str(tmp_path), format="csv", shards=2)
     with open(paths["train"][0]) as f:
         assert f.readline().strip().replace('"', "").split(",") == [n for n, _ in EXPECTED_SCHEMA]
+    hist = sim.table("train")["hist_videos"].to_pylist()
+    # Both kinds of "no history" are there to tell apart, and histories of several items.
+    assert None in hist and [] in hist and max(map(len, filter(None, hist))) > 1
     for split, files in paths.items():
         back = read_csv(files)
         # CSV writes NaN as text that reads back as null; pandas shows both as NaN.

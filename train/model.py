@@ -38,7 +38,8 @@ class FeatureEmbeddings(nn.Module):
     and the DDP all-reduce cost scales with the batch, not with the table sizes. Lists are
     pooled without a loop over rows: `mean` and `sum` in one `embedding_bag` per list column
     (padding weighs 0), `attention` as DIN's target attention (a small MLP scores each element
-    against the candidate's embedding from the same table; a softmax over the row's elements).
+    against the candidate's embedding from the same table; the weighted sum, weights not
+    normalised, as in DIN).
     A row whose list is empty or null pools to zeros.
     """
 
@@ -119,9 +120,9 @@ class FeatureEmbeddings(nn.Module):
         scores = self.attention[str(i)](
             torch.cat([keys, query, keys * query, keys - query], dim=-1)
         ).squeeze(-1)
-        scores = scores.masked_fill(~present, torch.finfo(scores.dtype).min)
-        # An empty row's softmax is uniform over padding: the mask zeroes it.
-        weight = torch.softmax(scores, dim=1) * present
+        # DIN's weights are not normalised (no softmax): how much of the history relates to the
+        # candidate is itself the signal, and a softmax would scale every row's weights to 1.
+        weight = scores * present
         return (weight.unsqueeze(-1) * keys).sum(1)
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -78,12 +79,26 @@ SCHEMA = pa.schema(
         ("p_finish", pa.float32()),
         ("p_like", pa.float32()),
         ("e_watch_s", pa.float32()),
+        ("hist_videos", pa.list_(pa.int64())),
+        ("tags", pa.list_(pa.string())),
     ]
 )
+# CSV has no list type: a list cell is its items joined by this (empty list -> "", null -> null).
+LIST_DELIMITER = "|"
 
-# RNG stream keys: the universe uses 0 so no split can ever share its stream.
+# RNG stream keys: the universe uses 0 so no split can ever share its stream. The click log
+# and the tags came later and have streams of their own (as do the splits' list columns), so
+# every earlier column keeps its values for a given seed.
 _WORLD_STREAM = 0
 _SPLIT_STREAM = {"train": 1, "val": 2, "test": 3}
+_LOG_STREAM = 4
+_TAG_STREAM = 5
+_INTEREST_STREAM = 6
+_SPLIT_LIST_STREAM = 10
+_REWATCH_STREAM = 20
+# 15% of impressions re-show one of the user's recent clicks, clicked at e times the odds.
+_REWATCH_SHARE = 0.15
+_REWATCH_EFFECT = 1.0
 # Impressions of val/test happen after train, so videos are a bit older there (days).
 _SPLIT_DAYS = {"train": (0.0, 7.0), "val": (7.0, 8.0), "test": (8.0, 9.0)}
 
@@ -91,12 +106,30 @@ _DEVICE_SHARE = np.array([0.35, 0.45, 0.10, 0.10])
 _DEVICE_EFFECT = np.array([0.10, 0.0, -0.30, 0.05])
 _CLICK_BASE = -2.45
 _TASTE_RANK = 4
+# Interests: each category splits into topics, and users like topics along a few latent axes.
+_TOPICS_PER_CATEGORY = 4
+_INTEREST_RANK = 4
+_BAIT_SUSCEPTIBILITY = 1.0  # std of a user's clickbait term, relative to interest_scale
 # A non-finished watch is a fraction in [_WATCH_LO, _WATCH_HI]: it keeps watch_s > 0 exactly
 # when clicked (float32 cannot underflow) and strictly below the length when not finished.
 _WATCH_LO, _WATCH_HI = 0.02, 0.98
 _WATCH_CONCENTRATION = 3.0
 _NAN_AGE_SHARE = 0.005
 _NAN_FOLLOWERS_SHARE = 0.002
+# The click log runs from a month before train until the end of test; a user's history at an
+# impression is the tail of their log before that impression's day, so it grows over the splits.
+_LOG_START_DAY, _LOG_END_DAY = -30.0, _SPLIT_DAYS["test"][1]
+_PAST_CLICKS = 30.0  # mean clicks per user in the month before train
+# The logged past came from a personalised feed, which showed users more of what they like:
+# exposure ~ exp(_PAST_PERSONALISATION * user terms), on top of the clicks' own preference.
+_PAST_PERSONALISATION = 0.0
+_NULL_HISTORY_SHARE = 0.01
+# Tags: a tenth of the vocabulary marks hooky (high click appeal) videos, a tenth high quality
+# ones, the rest are topics owned by categories.
+_MARKER_TAG_SHARE = 0.1
+_OWN_TOPIC_SHARE = 0.8
+# Rows per chunk of a list column: keeps Arrow's int32 list offsets far from overflowing.
+_LIST_CHUNK_ROWS = 1 << 24
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -113,11 +146,14 @@ class World:
     user_patience: np.ndarray
     user_like: np.ndarray
     taste: np.ndarray  # (n_users, n_categories) logit contribution
+    interest: np.ndarray  # (n_users, n_topics) logit contribution, scaled by interest_scale
+    user_bait: np.ndarray  # logit contribution of a clickbait video, scaled by interest_scale
     category_effect: np.ndarray
     author_bias: np.ndarray
     author_followers_log: np.ndarray
     video_author: np.ndarray
     video_category: np.ndarray
+    video_topic: np.ndarray  # category * _TOPICS_PER_CATEGORY + topic within the category
     video_len_s: np.ndarray
     video_base_age_days: np.ndarray
     video_quality: np.ndarray
@@ -126,6 +162,14 @@ class World:
     is_clickbait: np.ndarray
     hour_weight: np.ndarray
     hour_effect: np.ndarray
+    # The click log, sorted by user then day: user u's clicks are rows
+    # log_offsets[u]:log_offsets[u + 1], oldest first.
+    log_offsets: np.ndarray
+    log_video: np.ndarray
+    log_day: np.ndarray
+    # Tags of video v are tag ids tag_values[tag_offsets[v]:tag_offsets[v + 1]].
+    tag_offsets: np.ndarray
+    tag_values: np.ndarray
 
 
 @dataclass
@@ -141,6 +185,9 @@ class FeedSimulator:
     n_categories: int = 30
     clickbait_share: float = 0.15
     seed: int = 0
+    interest_scale: float = 0.6
+    history_len: int = 30
+    n_tags: int = 200
 
     def __post_init__(self) -> None:
         # Named as the job's config spells them (`data.simulator.n_val=0`); ConfigError is a
@@ -159,6 +206,22 @@ class FeedSimulator:
             raise ConfigError(
                 f"data.simulator.clickbait_share={share!r}: expected a number in [0, 1)"
             )
+        # 0 switches the interest term off, which gives back the columns of the simulator
+        # before histories existed, bit for bit.
+        scale = self.interest_scale
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float, np.number))
+            or not 0 <= scale < np.inf
+        ):
+            raise ConfigError(
+                f"data.simulator.interest_scale={scale!r}: expected a finite number >= 0"
+            )
+        # 0 is allowed: every history is then an empty list, a clean "no history" baseline.
+        for name, low in (("history_len", 0), ("n_tags", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"data.simulator.{name}={value!r}: expected an integer >= {low}")
         # SeedSequence needs a non-negative integer; reject early with the field's name.
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -222,6 +285,45 @@ class FeedSimulator:
         hour_weight = 1.0 + 0.7 * hour_phase
         hour_effect = 0.2 * hour_phase
 
+        # Topics and interests come from their own stream, after the rest of the universe.
+        interest_rng = np.random.default_rng([self.seed, _INTEREST_STREAM])
+        video_topic = video_category * _TOPICS_PER_CATEGORY + interest_rng.integers(
+            0, _TOPICS_PER_CATEGORY, nv
+        )
+        # A stronger, finer interaction than taste, and one that a user's few impressions
+        # hardly reveal but their click history does.
+        z_user = interest_rng.normal(0.0, 1.0, (nu, _INTEREST_RANK))
+        z_topic = interest_rng.normal(0.0, 1.0, (nc * _TOPICS_PER_CATEGORY, _INTEREST_RANK))
+        interest = self.interest_scale / np.sqrt(_INTEREST_RANK) * (z_user @ z_topic.T)
+        # Some users fall for clickbait far more than others.
+        user_bait = _BAIT_SUSCEPTIBILITY * self.interest_scale * interest_rng.normal(0.0, 1.0, nu)
+        user_topic = np.repeat(taste, _TOPICS_PER_CATEGORY, axis=1) + interest
+
+        log_offsets, log_video, log_day = _click_log(
+            np.random.default_rng([self.seed, _LOG_STREAM]),
+            user_weight=np.exp(log_act),
+            user_propensity=user_propensity,
+            # What the user brings to the click logit, per topic and clickbait or not.
+            user_group=(user_topic[:, :, None] + user_bait[:, None, None] * [0.0, 1.0]).reshape(
+                nu, -1
+            ),
+            video_group=video_topic * 2 + is_clickbait,
+            # A video's own pull on clicks, as in the click logit of `table`.
+            video_logit=_CLICK_BASE
+            + appeal
+            + author_bias[video_author]
+            + category_effect[video_category],
+            video_weight=video_weight,
+        )
+        tag_offsets, tag_values = _video_tags(
+            np.random.default_rng([self.seed, _TAG_STREAM]),
+            n_tags=self.n_tags,
+            n_categories=nc,
+            video_topic=video_topic,
+            appeal=appeal,
+            quality=quality,
+        )
+
         return World(
             user_log_activity=log_act,
             user_weight=np.exp(log_act),
@@ -229,11 +331,14 @@ class FeedSimulator:
             user_patience=user_patience,
             user_like=user_like,
             taste=taste,
+            interest=interest,
+            user_bait=user_bait,
             category_effect=category_effect,
             author_bias=author_bias,
             author_followers_log=author_followers_log,
             video_author=video_author,
             video_category=video_category,
+            video_topic=video_topic,
             video_len_s=video_len_s,
             video_base_age_days=video_base_age_days,
             video_quality=quality,
@@ -242,6 +347,11 @@ class FeedSimulator:
             is_clickbait=is_clickbait,
             hour_weight=hour_weight / hour_weight.sum(),
             hour_effect=hour_effect,
+            log_offsets=log_offsets,
+            log_video=log_video,
+            log_day=log_day,
+            tag_offsets=tag_offsets,
+            tag_values=tag_values,
         )
 
     def table(self, split: str) -> pa.Table:
@@ -255,7 +365,16 @@ class FeedSimulator:
         hour = rng.choice(24, size=n, p=w.hour_weight)
         device = rng.choice(len(DEVICES), size=n, p=_DEVICE_SHARE)
         lo, hi = _SPLIT_DAYS[split]
-        age = w.video_base_age_days[video] + rng.uniform(lo, hi, n)
+        day = rng.uniform(lo, hi, n)
+        # Feeds show again what a user clicked lately (a re-watch, a favourite creator's
+        # classic), and a re-shown video is clicked far more readily: a pair effect no id
+        # embedding holds, which only the history, matched against the candidate, reveals.
+        start, end, null = self._history_bounds(w, split, user, day)
+        rewatch_rng = np.random.default_rng([self.seed, _REWATCH_STREAM + _SPLIT_STREAM[split]])
+        rewatch = (rewatch_rng.random(n) < _REWATCH_SHARE) & (end > start) & ~null
+        pick = start + (rewatch_rng.random(n) * np.maximum(end - start, 1)).astype(np.int64)
+        video = np.where(rewatch, w.log_video[np.minimum(pick, len(w.log_video) - 1)], video)
+        age = w.video_base_age_days[video] + day
 
         author = w.video_author[video]
         category = w.video_category[video]
@@ -269,6 +388,9 @@ class FeedSimulator:
             + w.author_bias[author]
             + w.category_effect[category]
             + w.taste[user, category]
+            + w.interest[user, w.video_topic[video]]
+            + w.user_bait[user] * w.is_clickbait[video]
+            + _REWATCH_EFFECT * rewatch
             + w.hour_effect[hour]
             + _DEVICE_EFFECT[device]
             # Fresh videos pull a little more; small, so ids still carry almost everything.
@@ -321,8 +443,34 @@ class FeedSimulator:
             "p_finish": p_finish.astype(np.float32),
             "p_like": p_like.astype(np.float32),
             "e_watch_s": e_watch_s.astype(np.float32),
+            "hist_videos": _list_column(start, np.where(null, 0, end - start), w.log_video, null),
+            "tags": _list_column(
+                w.tag_offsets[video],
+                np.diff(w.tag_offsets)[video],
+                w.tag_values,
+                np.zeros(n, bool),
+                names=pa.array([f"t{i}" for i in range(self.n_tags)], pa.string()),
+            ),
         }
         return pa.table(columns, schema=SCHEMA)
+
+    def _history_bounds(
+        self, w: World, split: str, user: np.ndarray, day: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each impression's history as rows [start, end) of the click log, and whether it is
+        logged as null."""
+        n = len(user)
+        # The log sorted by (user, day) is sorted by this key too, so one search finds, for
+        # every impression, the end of its user's clicks before that day.
+        span = _LOG_END_DAY - _LOG_START_DAY
+        log_user = np.repeat(np.arange(self.n_users), np.diff(w.log_offsets))
+        log_key = log_user * span + (w.log_day - _LOG_START_DAY)
+        end = np.searchsorted(log_key, user * span + (day - _LOG_START_DAY), side="left")
+        start = np.maximum(w.log_offsets[user], end - self.history_len)
+        # Own stream per split: the nulls never shift the draws of the other columns.
+        rng = np.random.default_rng([self.seed, _SPLIT_LIST_STREAM + _SPLIT_STREAM[split]])
+        null = rng.random(n) < _NULL_HISTORY_SHARE
+        return start, end, null
 
     def write(self, folder: str, format: str = "parquet", shards: int = 1) -> dict[str, list[str]]:
         """Write every split as ``folder/<split>/part-XXXXX.<ext>``; return the paths per split.
@@ -354,9 +502,152 @@ class FeedSimulator:
                     if format == "parquet":
                         pq.write_table(part, f)
                     else:
-                        pacsv.write_csv(part, f)
+                        pacsv.write_csv(csv_compatible(part), f)
             paths[split] = [f"{base}/{split}/{name}" for name in names]
         return paths
+
+
+def csv_compatible(table: pa.Table) -> pa.Table:
+    """``table`` with every list column as strings joined by ``LIST_DELIMITER``, for CSV.
+
+    Arrow's CSV writer has no list type. An empty list becomes ``""`` and a null list stays
+    null; Arrow writes the two apart (a quoted ``""`` and an empty field).
+    """
+    for i, field in enumerate(table.schema):
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            as_text = table.column(i).cast(pa.list_(pa.string()))
+            table = table.set_column(i, field.name, pc.binary_join(as_text, LIST_DELIMITER))
+    return table
+
+
+def _click_log(
+    rng: np.random.Generator,
+    *,
+    user_weight: np.ndarray,
+    user_propensity: np.ndarray,
+    user_group: np.ndarray,
+    video_group: np.ndarray,
+    video_logit: np.ndarray,
+    video_weight: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's clicks from ``_LOG_START_DAY`` to ``_LOG_END_DAY``: offsets, videos, days."""
+    n_users, n_groups = user_group.shape
+    # Heavy and click-happy users click more often, so their histories are longer.
+    propensity = np.exp(user_propensity)
+    rate = user_weight / user_weight.mean() * propensity / propensity.mean()
+    span = _LOG_END_DAY - _LOG_START_DAY
+    counts = rng.poisson(_PAST_CLICKS * span / -_LOG_START_DAY * rate)
+    user = np.repeat(np.arange(n_users), counts)
+    # A clicked video is drawn by popularity x click probability. For the small click
+    # probabilities here sigmoid(user + video) ~ exp(user) * sigmoid(video), which factorises
+    # into a group (topic, clickbait or not) per click by the user's terms for it, and a video
+    # within it by its own pull: the history reveals the interactions that the click logit uses.
+    pull = video_weight * _sigmoid(video_logit)
+    group_pull = np.bincount(video_group, weights=pull, minlength=n_groups)
+    user_weight_by_group = (np.exp((1.0 + _PAST_PERSONALISATION) * user_group) * group_pull).ravel()
+    group = (
+        _draw_grouped(rng, user_weight_by_group, np.arange(n_users + 1) * n_groups, user)
+        - user * n_groups
+    )
+    by_group = np.argsort(video_group, kind="stable")
+    group_offsets = np.concatenate([[0], np.cumsum(np.bincount(video_group, minlength=n_groups))])
+    video = by_group[_draw_grouped(rng, pull[by_group], group_offsets, group)]
+    # A user's clicks are exchangeable, so sorted days can be handed out in draw order: one
+    # sort of user + uniform in [0, 1) (users already ascend) instead of a lexsort.
+    when = np.sort(user + rng.random(len(user)))
+    day = _LOG_START_DAY + (when - user) * span
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return offsets, video.astype(np.int64), day
+
+
+def _video_tags(
+    rng: np.random.Generator,
+    *,
+    n_tags: int,
+    n_categories: int,
+    video_topic: np.ndarray,
+    appeal: np.ndarray,
+    quality: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """1-4 distinct tag ids per video: offsets and flat ids (see the module docstring)."""
+    n_videos = len(video_topic)
+    video_category = video_topic // _TOPICS_PER_CATEGORY
+    n_marker = int(n_tags * _MARKER_TAG_SHARE)
+    n_topic_tags = n_tags - 2 * n_marker
+    # Each category owns a block of topic tags (blocks wrap when tags are fewer).
+    per_category = max(1, n_topic_tags // n_categories)
+
+    def own_tag(index: np.ndarray) -> np.ndarray:
+        return 2 * n_marker + (video_category * per_category + index) % n_topic_tags
+
+    def extra_tag() -> np.ndarray:
+        own = rng.random(n_videos) < _OWN_TOPIC_SHARE
+        anywhere = 2 * n_marker + rng.integers(0, n_topic_tags, n_videos)
+        return np.where(own, own_tag(rng.integers(0, per_category, n_videos)), anywhere)
+
+    # Noisy markers: most hooky videos (clickbait above all) carry a hook tag and most good
+    # ones a quality tag, but not all, and a few others do too. Drawn whatever n_marker is,
+    # so the draws do not depend on it.
+    hook = rng.random(n_videos) < 0.7 * _sigmoid(3.0 * (appeal - 0.8))
+    good = rng.random(n_videos) < 0.7 * _sigmoid(3.0 * (quality - 0.8))
+    hook_tag = rng.integers(0, max(n_marker, 1), n_videos)
+    good_tag = n_marker + rng.integers(0, max(n_marker, 1), n_videos)
+    extra = rng.random((n_videos, 2)) < 0.35
+    slots = np.stack(
+        [
+            # The first tag names the video's topic, so tags reveal what interests act on.
+            own_tag(video_topic % _TOPICS_PER_CATEGORY),
+            np.where(hook & (n_marker > 0), hook_tag, -1),
+            np.where(good & (n_marker > 0), good_tag, -1),
+            np.where(extra[:, 0], extra_tag(), -1),
+            np.where(extra[:, 1], extra_tag(), -1),
+        ],
+        axis=1,
+    )
+    for j in range(1, slots.shape[1]):
+        repeated = (slots[:, :j] == slots[:, j : j + 1]).any(axis=1)
+        slots[repeated, j] = -1
+    keep = (slots >= 0) & (np.cumsum(slots >= 0, axis=1) <= 4)
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    return offsets, slots[keep].astype(np.int64)
+
+
+def _list_column(
+    start: np.ndarray,
+    length: np.ndarray,
+    values: np.ndarray,
+    null: np.ndarray,
+    names: pa.Array | None = None,
+) -> pa.ChunkedArray:
+    """Row i is ``values[start[i]:start[i] + length[i]]`` (null where ``null``), as a list column.
+
+    ``names`` maps the values (ids) to strings. Chunked so that int32 list offsets never overflow.
+    """
+    chunks = []
+    for lo in range(0, len(start), _LIST_CHUNK_ROWS):
+        part = slice(lo, lo + _LIST_CHUNK_ROWS)
+        offsets = np.concatenate([[0], np.cumsum(length[part])]).astype(np.int32)
+        index = np.repeat(start[part] - offsets[:-1], length[part]) + np.arange(offsets[-1])
+        items = values[index]
+        flat = pa.array(items) if names is None else names.take(pa.array(items))
+        chunks.append(pa.ListArray.from_arrays(offsets, flat, mask=pa.array(null[part])))
+    kind = pa.list_(pa.int64() if names is None else pa.string())
+    return pa.chunked_array(chunks, kind)
+
+
+def _draw_grouped(
+    rng: np.random.Generator, weight: np.ndarray, offsets: np.ndarray, group: np.ndarray
+) -> np.ndarray:
+    """One index per entry of ``group``, drawn in ``offsets[g]:offsets[g + 1]`` by ``weight``.
+
+    Every drawn group must have positive total weight; zero-weight entries are never drawn.
+    """
+    cdf = np.cumsum(weight)
+    below = np.concatenate([[0.0], cdf])
+    lo, hi = below[offsets[group]], below[offsets[group + 1]]
+    index = np.searchsorted(cdf, lo + rng.random(len(group)) * (hi - lo), side="right")
+    # Round-off at a group's edge must not leak into its neighbour.
+    return np.clip(index, offsets[group], offsets[group + 1] - 1)
 
 
 def _check_split(split: str) -> None:
