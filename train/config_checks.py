@@ -204,7 +204,7 @@ METRIC_NAMES = (
 """The last part of a `val/<behaviour>/<metric>` name (train.metrics, train.heads)."""
 BETTER = {"auc": "max", "gauc": "max", "xauc": "max", "logloss": "min"}
 """The direction of the metrics whose direction is not a choice (calibration's is)."""
-OWN_MODELS = ("train.model.DNN", "train.model.MultiHead")
+OWN_MODELS = ("train.model.DNN", "train.model.DCN", "train.model.DeepFM", "train.model.MultiHead")
 """Networks that embed the categorical features (need at least one), checked here early."""
 EARLY = ("weights", "optimizer", "scheduler")
 """Groups whose `train.` factory checks its values without building anything: run now (the

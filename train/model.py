@@ -1,7 +1,11 @@
 """Ranking networks: plain `nn.Module`s that map (ids as table rows, standardised dense features,
 list columns) to one logit per impression (`MultiHead`: one per behaviour). No Lightning, no
 config types: any module with this call signature plugs in through `conf/model/` (the trainer
-passes `cardinalities` and `num_dense`, and `sequences` when the data has list columns)."""
+passes `cardinalities` and `num_dense`, and `sequences` when the data has list columns).
+
+Longer than 450 lines: every network a `conf/model/` YAML names (`DNN`, `DCN`, `DeepFM`,
+`MultiHead`) lives here beside the embeddings and the option checks they share, so that
+`train.model` is the one place a config's `_target_` and its checks are read from."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config_checks import boolean, integer, ints, number, one_of, require
+from train.config_checks import boolean, integer, ints, number, one_of, optional, require
 from train.data.batch import SequenceInput
 from train.errors import ConfigError
 
@@ -50,6 +54,7 @@ class FeatureEmbeddings(nn.Module):
         sparse: bool = True,
         sequences: Sequence[SequenceInput | Mapping[str, Any]] = (),
         attention_hidden: int = 32,
+        first_order: bool = False,
     ) -> None:
         super().__init__()
         self.sequences = [
@@ -69,6 +74,14 @@ class FeatureEmbeddings(nn.Module):
         # Small init: with hundreds of thousands of rarely-seen rows, N(0, 1) rows would add
         # noise that dominates the first epochs.
         nn.init.normal_(self.table.weight, std=0.01)
+        # One scalar per table row with the same offsets (DeepFM's first-order term). An
+        # nn.Embedding of its own, sparse like the main table, so SparseDenseAdam puts it in
+        # the lazy group; zeros: a row the data never shows adds nothing.
+        self.first_order = (
+            nn.Embedding(sum(cardinalities), 1, sparse=sparse) if first_order else None
+        )
+        if self.first_order is not None:
+            nn.init.zeros_(self.first_order.weight)
         self.attention = nn.ModuleDict(
             {
                 str(i): nn.Sequential(
@@ -88,42 +101,59 @@ class FeatureEmbeddings(nn.Module):
     def forward(
         self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
     ) -> torch.Tensor:
-        fields = self.table(categorical + self.offsets[: self.num_categorical])
+        return self.lookup(categorical, sequences)[0]
+
+    def lookup(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fields [rows, num_fields, dim], first-order scalars [rows, num_fields] or None
+        without `first_order`): a list column's scalar is pooled with its vector's weights."""
+        rows = categorical + self.offsets[: self.num_categorical]
+        fields = self.table(rows)
+        scalars = None if self.first_order is None else self.first_order(rows).squeeze(-1)
         if not self.sequences:
-            return fields
+            return fields, scalars
         if sequences is None:
             raise ValueError("this network pools list columns: expected `sequences`")
         pooled = [
             self._pool(i, spec, sequences[:, a:b], fields)
             for i, (spec, (a, b)) in enumerate(zip(self.sequences, self.slices, strict=True))
         ]
-        return torch.cat([fields, torch.stack(pooled, dim=1)], dim=1)
+        fields = torch.cat([fields, torch.stack([v for v, _ in pooled], dim=1)], dim=1)
+        if scalars is not None:
+            scalars = torch.cat([scalars, torch.stack([w for _, w in pooled], dim=1)], dim=1)
+        return fields, scalars
 
     def _pool(
         self, i: int, spec: SequenceInput, local: torch.Tensor, fields: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         present = local > 0  # 0: padding or a null element
         rows = local + self.offsets[spec.table]
         if spec.pooling != "attention":
             weight = present.to(self.table.weight.dtype)
             if spec.pooling == "mean":
                 weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
-            return F.embedding_bag(
+            pooled = F.embedding_bag(
                 rows,
                 self.table.weight,
                 mode="sum",
                 per_sample_weights=weight,
                 sparse=self.table.sparse,
             )
-        keys = self.table(rows)  # [rows, L, dim]
-        query = fields[:, spec.candidate].unsqueeze(1).expand_as(keys)
-        scores = self.attention[str(i)](
-            torch.cat([keys, query, keys * query, keys - query], dim=-1)
-        ).squeeze(-1)
-        # DIN's weights are not normalised (no softmax): how much of the history relates to the
-        # candidate is itself the signal, and a softmax would scale every row's weights to 1.
-        weight = scores * present
-        return (weight.unsqueeze(-1) * keys).sum(1)
+        else:
+            keys = self.table(rows)  # [rows, L, dim]
+            query = fields[:, spec.candidate].unsqueeze(1).expand_as(keys)
+            scores = self.attention[str(i)](
+                torch.cat([keys, query, keys * query, keys - query], dim=-1)
+            ).squeeze(-1)
+            # DIN's weights are not normalised (no softmax): how much of the history relates to
+            # the candidate is itself the signal; a softmax would scale every row's weights to 1.
+            weight = scores * present
+            pooled = (weight.unsqueeze(-1) * keys).sum(1)
+        if self.first_order is None:
+            return pooled, None
+        # [rows, L] scalars: no bag needed at width 1
+        return pooled, (weight * self.first_order(rows).squeeze(-1)).sum(1)
 
 
 def network_logits(
@@ -143,7 +173,51 @@ HashedEmbeddings = FeatureEmbeddings
 """The name before list columns joined (networks written against it keep working)."""
 
 
-class DNN(nn.Module):
+SHARED_OPTIONS = ("embedding_dim", "hidden", "dropout", "activation", "sparse_embeddings")
+"""The options every network here takes (`check_options`)."""
+
+
+class RankingNetwork(nn.Module):
+    """What the networks here share: a `model` config checked without building the network
+    (so a bad value stops the job before the data is read), each key left out taking the
+    default of the class's own signature; `__init__` runs the same `check` on its arguments
+    (its `locals()`)."""
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """The `model` config's values, checked without building the network."""
+        cls.check(options_of(cls, config))
+
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        """Every option in its domain (`model.<key>=<value>: expected ...`)."""
+        check_options(*(options[k] for k in SHARED_OPTIONS))
+
+
+def options_of(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments `cls` would be built with from `config`: its keys that name a parameter,
+    over the defaults of the class's signature."""
+    parameters = inspect.signature(cls.__init__).parameters
+    defaults = {
+        name: p.default
+        for name, p in parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **{k: v for k, v in config.items() if k in parameters}}
+
+
+def mlp(
+    width: int, sizes: Sequence[int], activation: str, dropout: float
+) -> tuple[list[nn.Module], int]:
+    """Linear + activation + dropout per size: the layers and their output width."""
+    layers: list[nn.Module] = []
+    for size in sizes:
+        layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+        width = size
+    return layers, width
+
+
+class DNN(RankingNetwork):
     """Embeddings of hashed ids + dense inputs -> MLP -> one logit (the classic CTR DNN)."""
 
     def __init__(
@@ -158,22 +232,14 @@ class DNN(nn.Module):
         sequences: Sequence[SequenceInput] = (),
     ) -> None:
         super().__init__()
-        check_options(embedding_dim, hidden, dropout, activation, sparse_embeddings)
+        self.check(locals())
         self.embeddings = FeatureEmbeddings(
             cardinalities, embedding_dim, sparse_embeddings, sequences
         )
-        width = self.embeddings.num_fields * embedding_dim + num_dense
-        layers: list[nn.Module] = []
-        for size in hidden:
-            layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
-            width = size
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
-
-    @classmethod
-    def check_config(cls, config: Mapping[str, Any]) -> None:
-        """The `model` config's values, checked without building the network."""
-        check_config({**config, "_target_": "train.model.DNN"})
+        layers, width = mlp(
+            self.embeddings.num_fields * embedding_dim + num_dense, hidden, activation, dropout
+        )
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def forward(
         self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
@@ -182,7 +248,137 @@ class DNN(nn.Module):
         return self.mlp(x).squeeze(1)
 
 
-class MultiHead(nn.Module):
+class CrossNetwork(nn.Module):
+    """DCN-v2's cross layers: x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l, each layer one degree of
+    explicit feature interaction more (x_L holds every product of up to L + 1 inputs) at the
+    cost of a matrix product. `rank`: W_l = U_l V_lᵀ with U, V of `rank` columns (the paper's
+    low-rank cross, for wide inputs where width² weights are too many); None: full W_l."""
+
+    def __init__(self, width: int, layers: int, rank: int | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Linear(width, width)
+            if rank is None
+            else nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, width))
+            for _ in range(layers)
+        )
+        for layer in self.layers:
+            # b = 0 as in the paper: a layer starts as x0 ⊙ W x, a product of inputs, not a shift.
+            nn.init.zeros_(layer.bias if isinstance(layer, nn.Linear) else layer[1].bias)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class DCN(RankingNetwork):
+    """DCN-v2 (Wang et al. 2021): x0 = [flattened fields, dense]; a `CrossNetwork` of
+    `cross_layers` on x0 beside an MLP (`hidden`) on x0, a linear layer on both outputs -> one
+    logit (`structure: parallel`); `stacked` runs the MLP on the cross network's output instead.
+    The cross layers learn the bounded-degree products of features (user x video x hour) that
+    an MLP only approximates; the MLP keeps the rest."""
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        embedding_dim: int = 16,
+        hidden: Sequence[int] = (256, 128, 64),
+        cross_layers: int = 2,
+        cross_rank: int | None = None,
+        structure: str = "parallel",
+        dropout: float = 0.0,
+        activation: str = "relu",
+        sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
+    ) -> None:
+        super().__init__()
+        self.check(locals())
+        self.embeddings = FeatureEmbeddings(
+            cardinalities, embedding_dim, sparse_embeddings, sequences
+        )
+        width = self.embeddings.num_fields * embedding_dim + num_dense
+        self.stacked = structure == "stacked"
+        self.cross = CrossNetwork(width, cross_layers, cross_rank)
+        layers, out = mlp(width, hidden, activation, dropout)
+        self.mlp = nn.Sequential(*layers)
+        # Registered last: warm start shifts the bias of the network's last Linear.
+        self.output = nn.Linear(out if self.stacked else width + out, 1)
+
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        RankingNetwork.check(options)
+        require("model.cross_layers", options["cross_layers"], integer(1))
+        require("model.cross_rank", options["cross_rank"], optional(integer(1)))
+        require("model.structure", options["structure"], one_of("parallel", "stacked"))
+
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x0 = torch.cat([self.embeddings(categorical, sequences).flatten(1), dense], dim=1)
+        cross = self.cross(x0)
+        if self.stacked:
+            return self.output(self.mlp(cross)).squeeze(1)
+        return self.output(torch.cat([cross, self.mlp(x0)], dim=1)).squeeze(1)
+
+
+def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} <v_i, v_j> per row of fields [rows, n, dim], in O(n·dim) as
+    0.5·Σ_d((Σ_i v_id)² − Σ_i v_id²) (Rendle's identity) -> [rows]."""
+    return 0.5 * (fields.sum(1).square() - fields.square().sum(1)).sum(-1)
+
+
+class DeepFM(RankingNetwork):
+    """DeepFM (Guo et al. 2017): logit = first order + FM second order + deep MLP, all on the
+    same embeddings. First order: a learned scalar per embedding-table row (a second, 1-wide
+    table, sparse like the first; a list column's scalars pooled with its vectors' weights)
+    plus a linear layer on the dense features. Second order: the pairwise dot products of every
+    field (the ids' embeddings, the pooled lists, and each dense feature as x_j·v_j with a
+    learned v_j). Deep: an MLP (`hidden`) on [flattened fields, dense], as `DNN`'s."""
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        embedding_dim: int = 16,
+        hidden: Sequence[int] = (256, 128, 64),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
+    ) -> None:
+        super().__init__()
+        self.check(locals())
+        self.embeddings = FeatureEmbeddings(
+            cardinalities, embedding_dim, sparse_embeddings, sequences, first_order=True
+        )
+        # Small like the table's rows: dense inputs are standardised, so x_j·v_j starts small.
+        self.dense_fields = nn.Parameter(torch.randn(num_dense, embedding_dim) * 0.01)
+        # The dense features' first order; the deep MLP's output bias is the global bias (and
+        # no Linear of width 0 without dense features).
+        self.linear = nn.Linear(num_dense, 1, bias=False) if num_dense else None
+        layers, width = mlp(
+            self.embeddings.num_fields * embedding_dim + num_dense, hidden, activation, dropout
+        )
+        # Last: warm start shifts the bias of the network's last Linear (a sum: any bias works).
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fields, scalars = self.embeddings.lookup(categorical, sequences)
+        assert scalars is not None  # built with first_order=True
+        every = torch.cat([fields, dense.unsqueeze(-1) * self.dense_fields], dim=1)
+        deep = self.mlp(torch.cat([fields.flatten(1), dense], dim=1)).squeeze(1)
+        first = scalars.sum(1)
+        if self.linear is not None:
+            first = first + self.linear(dense).squeeze(1)
+        return first + fm_interaction(every) + deep
+
+
+class MultiHead(RankingNetwork):
     """Shared bottom + one small head per behaviour -> logits [rows, heads] (`model=multihead`).
 
     The shared bottom is the DNN's hashed embeddings + dense inputs, then an MLP trunk of sizes
@@ -207,13 +403,8 @@ class MultiHead(nn.Module):
         sequences: Sequence[SequenceInput] = (),
     ) -> None:
         super().__init__()
-        if isinstance(heads, str) or not isinstance(heads, Sequence):
-            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
+        self.check(locals())
         self.heads = [str(h) for h in heads]
-        if not self.heads or len(set(self.heads)) != len(self.heads):
-            raise ConfigError(f"model.heads must name distinct behaviours, got {self.heads}")
-        check_options(embedding_dim, hidden, dropout, activation, sparse_embeddings)
-        require("model.head_hidden", head_hidden, ints(1))
         self.fusion = check_fusion(fusion, self.heads)
         # Not persistent: the fusion is a choice at scoring time, not a learned weight, so a
         # checkpoint can be scored or warm-started under another fusion.
@@ -222,26 +413,27 @@ class MultiHead(nn.Module):
         self.embeddings = FeatureEmbeddings(
             cardinalities, embedding_dim, sparse_embeddings, sequences
         )
-
-        def mlp(width: int, sizes: Sequence[int]) -> tuple[list[nn.Module], int]:
-            layers: list[nn.Module] = []
-            for size in sizes:
-                layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
-                width = size
-            return layers, width
-
-        layers, width = mlp(self.embeddings.num_fields * embedding_dim + num_dense, hidden)
+        layers, width = mlp(
+            self.embeddings.num_fields * embedding_dim + num_dense, hidden, activation, dropout
+        )
         self.trunk = nn.Sequential(*layers)
         towers = []
         for _ in self.heads:
-            layers, out = mlp(width, head_hidden)
+            layers, out = mlp(width, head_hidden, activation, dropout)
             towers.append(nn.Sequential(*layers, nn.Linear(out, 1)))
         self.towers = nn.ModuleList(towers)
 
-    @classmethod
-    def check_config(cls, config: Mapping[str, Any]) -> None:
-        """The `model` config's values, checked without building the network."""
-        check_config({**config, "_target_": "train.model.MultiHead"})
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        heads = options.get("heads")
+        if isinstance(heads, str) or not isinstance(heads, Sequence):
+            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
+        names = [str(h) for h in heads]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"model.heads must name distinct behaviours, got {names}")
+        RankingNetwork.check(options)
+        require("model.head_hidden", options["head_hidden"], ints(1))
+        check_fusion(options["fusion"], names)
 
     def forward(
         self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
@@ -256,6 +448,12 @@ class MultiHead(nn.Module):
         return torch.exp((F.logsigmoid(logits.float()) * self.alpha).sum(1))
 
 
+NETWORKS: dict[str, type[RankingNetwork]] = {
+    cls.__name__: cls for cls in (DNN, DCN, DeepFM, MultiHead)
+}
+"""The networks `conf/model/` names, by class name."""
+
+
 def check_options(
     embedding_dim: int,
     hidden: Sequence[int],
@@ -263,7 +461,7 @@ def check_options(
     activation: str,
     sparse_embeddings: bool,
 ) -> None:
-    """The options both networks share, each in its domain (`model.<key>=<value>: expected`)."""
+    """The options every network shares, each in its domain (`model.<key>=<value>: expected`)."""
     require("model.embedding_dim", embedding_dim, integer(1))
     require("model.hidden", hidden, ints(1))
     require("model.dropout", dropout, number(0.0, 1.0, high_open=True))
@@ -272,32 +470,11 @@ def check_options(
 
 
 def check_config(config: Mapping[str, Any]) -> None:
-    """A `model` config of `DNN` or `MultiHead`, checked without building the network (so a
-    bad value stops the job before the data is read). Keys left out take their defaults."""
+    """A `model` config of a network of this module (the class its `_target_` names; `DNN`
+    when it names none of them), checked without building the network (so a bad value stops
+    the job before the data is read). Keys left out take the defaults of that class."""
     target = str(config.get("_target_", ""))
-    kind = MultiHead if target.endswith("MultiHead") else DNN
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(kind.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    options = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    check_options(
-        options["embedding_dim"],
-        options["hidden"],
-        options["dropout"],
-        options["activation"],
-        options["sparse_embeddings"],
-    )
-    if kind is MultiHead:
-        require("model.head_hidden", options["head_hidden"], ints(1))
-        heads = config.get("heads")
-        if isinstance(heads, str) or not isinstance(heads, Sequence):
-            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
-        names = [str(h) for h in heads]
-        if not names or len(set(names)) != len(names):
-            raise ConfigError(f"model.heads must name distinct behaviours, got {names}")
-        check_fusion(options["fusion"], names)
+    NETWORKS.get(target.rpartition(".")[2], DNN).check_config(config)
 
 
 def check_fusion(fusion: Mapping[str, float] | None, heads: Sequence[str]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from train.weights import WeightScheme
 # advice to sync_dist them would average values that are already global.
 warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True")
 
+
 class VocabularyMismatch(UpweightError):
     """A checkpoint resumed on training data whose ids are not the ones it was trained on."""
 
