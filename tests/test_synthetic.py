@@ -184,11 +184,12 @@ def test_interest_scale_zero_only_drops_the_interest_term() -> None:
         p = table["p_click"].to_numpy().astype(np.float64)
         return np.log(p / (1 - p))
 
-    # The oracle knows the term: the click logits differ by exactly it.
-    term = w.interest[user, w.video_topic[video]]
+    # The oracle knows the terms: the click logits differ by exactly them.
+    term = w.interest[user, w.video_topic[video]] + w.user_bait[user] * w.is_clickbait[video]
     np.testing.assert_allclose(logit(on) - logit(off), term, atol=1e-4)
-    assert 0.4 < w.interest.std() < 0.8
-    assert not small(interest_scale=0.0).world().interest.any()
+    assert 0.4 < w.interest.std() < 0.8 and 0.4 < w.user_bait.std() < 0.8
+    zero = small(interest_scale=0.0).world()
+    assert not zero.interest.any() and not zero.user_bait.any()
 
 
 # ---------------------------------------------------------------- columns and behaviours
@@ -361,10 +362,17 @@ def test_history_reveals_the_categories_a_user_clicks(
 
 
 def test_id_bias_model_gets_close_to_the_oracle() -> None:
-    # A logistic regression on one-hot ids can only learn per-id biases; it must come close
-    # to the oracle, otherwise the world is not learnable by the real model either.
+    # A logistic regression on one-hot ids can only learn per-id biases; without the interests
+    # that only a history reveals (interest_scale=0) it must come close to the oracle, otherwise
+    # the world is not learnable by the real model either.
     sim = FeedSimulator(
-        n_train=200_000, n_val=100_000, n_test=1, n_users=2_000, n_videos=5_000, n_authors=500
+        n_train=200_000,
+        n_val=100_000,
+        n_test=1,
+        n_users=2_000,
+        n_videos=5_000,
+        n_authors=500,
+        interest_scale=0.0,
     )
     train = sim.table("train").select([*ID_COLUMNS, "click"]).to_pandas()
     val = sim.table("val").select([*ID_COLUMNS, "click", "p_click"]).to_pandas()

@@ -95,10 +95,6 @@ _LOG_STREAM = 4
 _TAG_STREAM = 5
 _INTEREST_STREAM = 6
 _SPLIT_LIST_STREAM = 10
-_REWATCH_STREAM = 20
-# 15% of impressions re-show one of the user's recent clicks, clicked at e times the odds.
-_REWATCH_SHARE = 0.15
-_REWATCH_EFFECT = 1.0
 # Impressions of val/test happen after train, so videos are a bit older there (days).
 _SPLIT_DAYS = {"train": (0.0, 7.0), "val": (7.0, 8.0), "test": (8.0, 9.0)}
 
@@ -109,6 +105,7 @@ _TASTE_RANK = 4
 # Interests: each category splits into topics, and users like topics along a few latent axes.
 _TOPICS_PER_CATEGORY = 4
 _INTEREST_RANK = 4
+_INTEREST_CATEGORY_SHARE = 0.75
 _BAIT_SUSCEPTIBILITY = 1.0  # std of a user's clickbait term, relative to interest_scale
 # A non-finished watch is a fraction in [_WATCH_LO, _WATCH_HI]: it keeps watch_s > 0 exactly
 # when clicked (float32 cannot underflow) and strictly below the length when not finished.
@@ -122,7 +119,7 @@ _LOG_START_DAY, _LOG_END_DAY = -30.0, _SPLIT_DAYS["test"][1]
 _PAST_CLICKS = 30.0  # mean clicks per user in the month before train
 # The logged past came from a personalised feed, which showed users more of what they like:
 # exposure ~ exp(_PAST_PERSONALISATION * user terms), on top of the clicks' own preference.
-_PAST_PERSONALISATION = 0.0
+_PAST_PERSONALISATION = 1.0
 _NULL_HISTORY_SHARE = 0.01
 # Tags: a tenth of the vocabulary marks hooky (high click appeal) videos, a tenth high quality
 # ones, the rest are topics owned by categories.
@@ -293,7 +290,13 @@ class FeedSimulator:
         # A stronger, finer interaction than taste, and one that a user's few impressions
         # hardly reveal but their click history does.
         z_user = interest_rng.normal(0.0, 1.0, (nu, _INTEREST_RANK))
-        z_topic = interest_rng.normal(0.0, 1.0, (nc * _TOPICS_PER_CATEGORY, _INTEREST_RANK))
+        # Mostly the topic's category (which models see), partly the topic itself (its tag).
+        z_category = interest_rng.normal(0.0, 1.0, (nc, _INTEREST_RANK))
+        z_own = interest_rng.normal(0.0, 1.0, (nc * _TOPICS_PER_CATEGORY, _INTEREST_RANK))
+        z_topic = (
+            np.sqrt(_INTEREST_CATEGORY_SHARE) * np.repeat(z_category, _TOPICS_PER_CATEGORY, axis=0)
+            + np.sqrt(1.0 - _INTEREST_CATEGORY_SHARE) * z_own
+        )
         interest = self.interest_scale / np.sqrt(_INTEREST_RANK) * (z_user @ z_topic.T)
         # Some users fall for clickbait far more than others.
         user_bait = _BAIT_SUSCEPTIBILITY * self.interest_scale * interest_rng.normal(0.0, 1.0, nu)
@@ -366,14 +369,6 @@ class FeedSimulator:
         device = rng.choice(len(DEVICES), size=n, p=_DEVICE_SHARE)
         lo, hi = _SPLIT_DAYS[split]
         day = rng.uniform(lo, hi, n)
-        # Feeds show again what a user clicked lately (a re-watch, a favourite creator's
-        # classic), and a re-shown video is clicked far more readily: a pair effect no id
-        # embedding holds, which only the history, matched against the candidate, reveals.
-        start, end, null = self._history_bounds(w, split, user, day)
-        rewatch_rng = np.random.default_rng([self.seed, _REWATCH_STREAM + _SPLIT_STREAM[split]])
-        rewatch = (rewatch_rng.random(n) < _REWATCH_SHARE) & (end > start) & ~null
-        pick = start + (rewatch_rng.random(n) * np.maximum(end - start, 1)).astype(np.int64)
-        video = np.where(rewatch, w.log_video[np.minimum(pick, len(w.log_video) - 1)], video)
         age = w.video_base_age_days[video] + day
 
         author = w.video_author[video]
@@ -390,7 +385,6 @@ class FeedSimulator:
             + w.taste[user, category]
             + w.interest[user, w.video_topic[video]]
             + w.user_bait[user] * w.is_clickbait[video]
-            + _REWATCH_EFFECT * rewatch
             + w.hour_effect[hour]
             + _DEVICE_EFFECT[device]
             # Fresh videos pull a little more; small, so ids still carry almost everything.
@@ -443,7 +437,7 @@ class FeedSimulator:
             "p_finish": p_finish.astype(np.float32),
             "p_like": p_like.astype(np.float32),
             "e_watch_s": e_watch_s.astype(np.float32),
-            "hist_videos": _list_column(start, np.where(null, 0, end - start), w.log_video, null),
+            "hist_videos": self._history(w, split, user, day),
             "tags": _list_column(
                 w.tag_offsets[video],
                 np.diff(w.tag_offsets)[video],
@@ -454,11 +448,8 @@ class FeedSimulator:
         }
         return pa.table(columns, schema=SCHEMA)
 
-    def _history_bounds(
-        self, w: World, split: str, user: np.ndarray, day: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each impression's history as rows [start, end) of the click log, and whether it is
-        logged as null."""
+    def _history(self, w: World, split: str, user: np.ndarray, day: np.ndarray) -> pa.ChunkedArray:
+        """Each impression's ``hist_videos``: the user's last clicks before its day, oldest first."""
         n = len(user)
         # The log sorted by (user, day) is sorted by this key too, so one search finds, for
         # every impression, the end of its user's clicks before that day.
@@ -470,7 +461,7 @@ class FeedSimulator:
         # Own stream per split: the nulls never shift the draws of the other columns.
         rng = np.random.default_rng([self.seed, _SPLIT_LIST_STREAM + _SPLIT_STREAM[split]])
         null = rng.random(n) < _NULL_HISTORY_SHARE
-        return start, end, null
+        return _list_column(start, np.where(null, 0, end - start), w.log_video, null)
 
     def write(self, folder: str, format: str = "parquet", shards: int = 1) -> dict[str, list[str]]:
         """Write every split as ``folder/<split>/part-XXXXX.<ext>``; return the paths per split.
