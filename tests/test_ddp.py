@@ -1,5 +1,6 @@
 """Real DDP on CPU (gloo): 2 processes at batch B == 1 process at batch 2B, for a weighted
-scheme — the loss is the global weighted mean and metrics cover every rank's rows."""
+scheme with list columns — the loss is the global weighted mean and metrics cover every rank's
+rows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ COMMON = [
     "trainer.log_every_n_steps=1",
     "data.simulator.n_val=5001",  # odd: ranks hold different row counts
     "data.simulator.n_test=5001",
+    # List columns too: a shared table's sparse gradients and the attention's dense ones.
+    "data.sequences={hist_videos: {table: video_id, max_len: 8, pooling: attention}, "
+    "tags: {max_len: 3, pooling: sum}}",
 ]
 STEPS_PER_EPOCH = 20  # 20000 rows / global batch 1024
 
