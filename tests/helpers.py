@@ -35,6 +35,8 @@ TINY_DATA = [
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
+    # The feed without the interests only a history reveals: what the tests' thresholds assume.
+    "data.simulator.interest_scale=0",
     # Hashed, with small buckets: the tests score string and int ids of one column alike (a
     # vocabulary refuses ids of another type), and checkpoints stay small. One list holding
     # one mapping: the default is a list, which a mapping cannot replace.
@@ -241,3 +243,9 @@ def write_checkpoint(
         path,
     )
     return path
+
+
+def scalars(table):
+    """`table` without its list columns (Arrow writes no list to CSV): for CSV files of the
+    simulator's rows."""
+    return table.drop_columns([f.name for f in table.schema if str(f.type).startswith("list")])

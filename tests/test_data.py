@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.helpers import scalars
 from train.data.features import NULL_BUCKET, DataError, featurize, hash_ids
 from train.data.io import expand
 from train.data.module import ImpressionDataModule
@@ -53,7 +54,7 @@ def write_feed(folder: Path, fmt: str = "parquet", shards=(0.2, 0.7, 1.0), group
             if fmt == "parquet":
                 pq.write_table(part, path, row_group_size=group_rows)
             else:
-                pacsv.write_csv(part, path)
+                pacsv.write_csv(scalars(part), path)
     return folder
 
 
@@ -171,11 +172,13 @@ def test_auto_mode_streams_past_the_memory_limit(feed):
 
 
 def test_tsv_without_header_reads_like_parquet(tmp_path, feed):
-    table = SIM.table("train")
+    table = scalars(SIM.table("train"))
     names = table.column_names
     path = tmp_path / "train.txt"
     with pa.OSFile(str(path), "wb") as out:
-        pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False, delimiter="\t"))
+        pacsv.write_csv(
+            scalars(table), out, pacsv.WriteOptions(include_header=False, delimiter="\t")
+        )
     for mode in ("memory", "stream"):
         data = module(feed, train=str(path), header=False, column_names=names, mode=mode)
         stats = data.prepare(SCHEME)
@@ -312,7 +315,7 @@ def write(path: Path, table: pa.Table, fmt: str = "parquet") -> str:
     if fmt == "parquet":
         pq.write_table(table, path)
     else:
-        pacsv.write_csv(table, path)
+        pacsv.write_csv(scalars(table), path)
     return str(path)
 
 

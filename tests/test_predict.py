@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tests.helpers import run_job, trained_run, write_checkpoint
+from tests.helpers import run_job, scalars, trained_run, write_checkpoint
 from train.checkpoint import CheckpointError, load
 from train.data.features import DataError, model_inputs
 from train.data.io import TableFormat
@@ -119,7 +119,7 @@ def test_csv_parquet_folders_and_processes_score_every_row_once(tmp_path):
     folder.mkdir()
     pq.write_table(table.slice(0, 1000), folder / "a.parquet", row_group_size=300)
     pq.write_table(table.slice(1000, 1000), folder / "b.parquet", row_group_size=1000)
-    pacsv.write_csv(table.slice(2000), folder / "c.csv")
+    pacsv.write_csv(scalars(table.slice(2000)), folder / "c.csv")
     reference = predict(str(ckpt), str(folder), str(tmp_path / "one.parquet"), keep=["row"])
     assert reference.rows == 3000
     single = pq.read_table(tmp_path / "one.parquet")
@@ -166,7 +166,7 @@ def test_csv_parquet_folders_and_processes_score_every_row_once(tmp_path):
 def test_batches_are_bounded_and_cover_the_file(tmp_path):
     table = rows(2500)
     pq.write_table(table, tmp_path / "x.parquet", row_group_size=1000)
-    pacsv.write_csv(table, tmp_path / "x.csv")
+    pacsv.write_csv(scalars(table), tmp_path / "x.csv")
     for name in ("x.parquet", "x.csv"):
         sizes = [
             t.num_rows
@@ -285,7 +285,7 @@ def test_bad_checkpoints_fail_before_anything_is_written(tmp_path):
 @pytest.mark.e2e
 def test_command_line(run, tmp_path):
     data = tmp_path / "val.csv"
-    pacsv.write_csv(simulated(run, "val").slice(0, 1500), data)  # two batches of 1000
+    pacsv.write_csv(scalars(simulated(run, "val").slice(0, 1500)), data)  # two batches of 1000
     ckpt = f"ckpt={run}/checkpoints/best.ckpt"
     done = run_job(
         ckpt,

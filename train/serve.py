@@ -25,6 +25,9 @@ of feature_spec.json (the training mean, or 0). A list column takes a JSON array
 missing key, None or [] is an empty list): its last `max_len` elements, in order, each mapped by
 its table as above (a None element is a null); anything but a list is an error.
 Columns that are not in the spec are ignored.
+
+Longer than 450 lines because it is copied alone into every artifact: the hashing, the
+vocabulary and list encodings and the safe loader cannot live in other modules.
 """
 
 from __future__ import annotations

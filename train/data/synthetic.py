@@ -37,6 +37,9 @@ id columns can get close to the oracle.
 
 Run ``python -m train.data.synthetic OUT_FOLDER [--rows N] [--shards K] [--format F]`` to
 write the three splits as files (e.g. to try ``data=files``).
+
+Longer than 450 lines because the world, its click log and the splits drawn from it are one
+causal model: every column's generator reads the same universe.
 """
 
 from __future__ import annotations
