@@ -229,9 +229,7 @@ def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path
         cwd=tmp_path,
     )
     assert done.returncode == 1
-    assert (
-        "data.categorical.user_id: checkpoint has 1000 buckets, this run 500" in done.stderr
-    )
+    assert "data.categorical.user_id: checkpoint has 1000 buckets, this run 500" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "warm").exists()
 
