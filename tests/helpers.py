@@ -35,8 +35,6 @@ TINY_DATA = [
     "data.simulator.n_users=500",
     "data.simulator.n_videos=1000",
     "data.simulator.n_authors=100",
-    # The feed without the interests only a history reveals: what the tests' thresholds assume.
-    "data.simulator.interest_scale=0",
     # Hashed, with small buckets: the tests score string and int ids of one column alike (a
     # vocabulary refuses ids of another type), and checkpoints stay small. One list holding
     # one mapping: the default is a list, which a mapping cannot replace.

@@ -23,8 +23,6 @@ SMALL = [
     "data.simulator.n_users=2000",
     "data.simulator.n_videos=5000",
     "data.simulator.n_authors=500",
-    # The feed without the interests only a history reveals (ids alone get near the oracle).
-    "data.simulator.interest_scale=0",
     # Exact vocabularies: TINY's small hash tables put these ids together (the model then
     # stays ~0.04 AUC short of the oracle).
     "data.categorical=[user_id,video_id,author_id,category,hour,device]",

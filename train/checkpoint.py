@@ -233,7 +233,7 @@ class Scorer(nn.Module):
         super().__init__()
         self.network = network
         self.preprocess = preprocess
-        self.list_width = sum(s.max_len for s in spec.sequences.values())
+        self.list_width = spec.list_width
         """Columns of the `sequences` input (0: the network takes none)."""
         self.outputs = self._output_names(len(spec.categorical))
 

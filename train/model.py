@@ -52,14 +52,12 @@ class FeatureEmbeddings(nn.Module):
         cardinalities: Sequence[int],
         dim: int,
         sparse: bool = True,
-        sequences: Sequence[SequenceInput | Mapping[str, Any]] = (),
+        sequences: Sequence[SequenceInput] = (),
         attention_hidden: int = 32,
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        self.sequences = [
-            s if isinstance(s, SequenceInput) else SequenceInput(**s) for s in sequences
-        ]
+        self.sequences = list(sequences)
         self.num_categorical = len(cardinalities) - sum(s.own_table for s in self.sequences)
         if not cardinalities:
             raise ConfigError(
@@ -68,8 +66,6 @@ class FeatureEmbeddings(nn.Module):
             )
         offsets = torch.tensor([0, *list(cardinalities)[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.cardinalities = list(cardinalities)
-        self.dim = dim
         self.table = nn.Embedding(sum(cardinalities), dim, sparse=sparse)
         # Small init: with hundreds of thousands of rarely-seen rows, N(0, 1) rows would add
         # noise that dominates the first epochs.
@@ -167,10 +163,6 @@ def network_logits(
     if sequences is None:
         return network(categorical, dense)
     return network(categorical, dense, sequences)
-
-
-HashedEmbeddings = FeatureEmbeddings
-"""The name before list columns joined (networks written against it keep working)."""
 
 
 SHARED_OPTIONS = ("embedding_dim", "hidden", "dropout", "activation", "sparse_embeddings")

@@ -50,13 +50,14 @@ def artifact(model_config: Mapping[str, Any], spec: Any, stats: Any, scheme: Any
         "model": dict(model_config),
         "spec": spec.state(),
         "stats": asdict(stats),
-        "scheme": {"describe": scheme.describe(), **_plain(asdict(scheme))},
+        "scheme": {"describe": scheme.describe(), **plain(asdict(scheme))},
     }
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Mappings and sequences as dicts (string keys) and lists, for a checkpoint's description."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

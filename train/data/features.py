@@ -27,6 +27,7 @@ from train.data.vocabulary import (
     id_kind_of,
 )
 from train.errors import ConfigError, UpweightError
+from train.outputs import plain
 from train.preprocess import DENSE_FILLS
 
 NULL_BUCKET = 0
@@ -211,6 +212,11 @@ class FeatureSpec:
         return sizes
 
     @property
+    def list_width(self) -> int:
+        """Columns of `Batch.sequences`: every list column's `max_len`, side by side."""
+        return sum(seq.max_len for seq in self.sequences.values())
+
+    @property
     def sequence_inputs(self) -> tuple[SequenceInput, ...]:
         """The list columns as the network sees them, in `Batch.sequences` order."""
         tables = list(self.tables)
@@ -237,7 +243,7 @@ class FeatureSpec:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["sequences"] = {c: asdict(s) for c, s in self.sequences.items()}
         state["vocabularies"] = {t: v.state() for t, v in self.vocabularies.items()}
-        return _plain(state)
+        return plain(state)
 
     @staticmethod
     def from_state(state: Mapping[str, Any]) -> FeatureSpec:
@@ -320,14 +326,6 @@ def _check_encoding(key: str, value: Any) -> None:
             f"{key}={show(value)}: expected an integer >= 2 (hash buckets; bucket 0 holds "
             f"nulls) or {VOCAB} (an exact vocabulary of the training split)"
         )
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 ID_TYPES = "integer, boolean, integral float or string"

@@ -281,12 +281,11 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         measure the hashed tables' collisions; warn where they cost."""
         vocabularies, self.id_summary = {}, {}
         for name, encoding in self.spec.tables.items():
-            counts = counters[name].table()
             if encoding == VOCAB:
                 vocabularies[name] = Vocabulary.build(counters[name], self.spec.min_count)
                 self.id_summary[name] = vocabularies[name].summary()
                 continue
-            hashes = counts.column("id").to_numpy()
+            hashes = counters[name].table().column("id").to_numpy()
             rate = collision_rate(hashes, int(encoding))
             self.id_summary[name] = {
                 "encoding": "hash",
@@ -395,7 +394,7 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             return self.requested_mode
         spec = self.spec
         row_bytes = 8 * len(spec.categorical) + 4 * len(spec.dense) + 4 * len(spec.behaviours)
-        row_bytes += 8 * sum(seq.max_len for seq in spec.sequences.values())
+        row_bytes += 8 * spec.list_width
         row_bytes += 8 + 8 * len(spec.oracle_names)
         estimate = 0
         for split in splits:

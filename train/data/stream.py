@@ -173,11 +173,7 @@ def empty_batch(spec: FeatureSpec) -> Batch:
         group=torch.zeros(0, dtype=torch.int64),
         oracle=torch.zeros((0, oracle), dtype=torch.float32) if oracle else None,
         oracle_positive=torch.zeros((0, oracle), dtype=torch.float32) if oracle else None,
-        sequences=torch.zeros(
-            (0, sum(s.max_len for s in spec.sequences.values())), dtype=torch.int64
-        )
-        if spec.sequences
-        else None,
+        sequences=torch.zeros((0, spec.list_width), dtype=torch.int64) if spec.sequences else None,
     )
 
 
