@@ -14,7 +14,6 @@ import yaml
 from tests.helpers import (
     SPEC,
     TINY_TRAINED,
-    run_job,
     train_in_process,
     trained_run,
     write_checkpoint,
@@ -148,24 +147,3 @@ def test_report_draws_the_fusion_front_beside_a_scheme(run, tmp_path_factory):
 
 def _grid_01(runs, split):
     return fusion.fusion_rows(runs, split, grid=(0.0, 1.0))
-
-
-@pytest.mark.ddp
-def test_two_processes_save_every_test_row_once_in_metric_order(tmp_path):
-    """Under DDP the predictions are gathered like the metrics: every row once, in the order
-    the metrics saw them, so the sweep still reproduces the run's own numbers exactly."""
-    run_job(
-        *TINY_TRAINED,
-        "data.simulator.n_test=2001",  # odd: the ranks hold different row counts
-        "hardware.devices=2",
-        "model=multihead",
-        "model.hidden=[32]",
-        f"paths.output_dir={tmp_path}/run",
-        cwd=tmp_path,
-        check=True,
-    )
-    pred = fusion.read_predictions(str(tmp_path / "run" / PREDICTIONS_FILE))
-    assert pred.probs.shape == (2001, 4)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    swept = fusion.fusion_metrics(pred, pred.fusion)
-    assert swept == {k: metrics[f"test/{k}"] for k in swept}

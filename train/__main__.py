@@ -14,9 +14,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint_io, config_checks, outputs, resolvers, storage, warmstart
+from train import checkpoint_io, config_checks, outputs, resolvers, storage, warmstart, weights
 from train.errors import UpweightError
 from train.layout import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, STATS_FILE, join
+from train.model import network_config
 from train.module import RankingModule
 from train.objective import Evaluation
 
@@ -42,9 +43,10 @@ def train(cfg: DictConfig) -> float:
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)
         spec = data.spec  # with the vocabularies of the training split
-        model = instantiate(cfg.model)(spec.cardinalities, len(spec.dense), **spec.network_options)
+        model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
+        network = instantiate(network_config(model_config))
         module = RankingModule(
-            model,
+            network(spec.cardinalities, len(spec.dense), **spec.network_options),
             scheme,
             spec,
             stats,
@@ -52,10 +54,12 @@ def train(cfg: DictConfig) -> float:
             scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
             evaluation=Evaluation(cfg.xauc_pairs, cfg.seed, join(run_dir, PREDICTIONS_FILE)),
             nonfinite=cfg.nonfinite,
-            model_config=container(cfg.model),
+            model_config=model_config,
+            head_schemes=weights.head_schemes(model_config.get("head_weights")),
+            balance=model_config.get("balance"),
         )
         if cfg.init_from:  # weights only, checked against this run's model
-            print(warmstart.init_from(module, cfg.init_from, spec, container(cfg.model)))
+            print(warmstart.init_from(module, cfg.init_from, spec, model_config))
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer: L.Trainer = instantiate(
             cfg.trainer,

@@ -21,7 +21,7 @@ from torch import nn
 from train.data.features import FeatureSpec
 from train.errors import UpweightError
 from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY
-from train.model import network_logits
+from train.model import network_config, network_logits
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.secrets import safe_url, scrub
 
@@ -165,7 +165,7 @@ def build_network(
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise CheckpointError(f"{where}: refused model {target!r}: not an nn.Module class")
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in network_config(config).items() if not k.startswith("_")}
     try:
         return cls(spec.cardinalities, len(spec.dense), **spec.network_options, **kwargs)
     except (TypeError, ValueError) as err:

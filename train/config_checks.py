@@ -204,8 +204,18 @@ METRIC_NAMES = (
 """The last part of a `val/<behaviour>/<metric>` name (train.metrics, train.heads)."""
 BETTER = {"auc": "max", "gauc": "max", "xauc": "max", "logloss": "min"}
 """The direction of the metrics whose direction is not a choice (calibration's is)."""
-OWN_MODELS = ("train.model.DNN", "train.model.DCN", "train.model.DeepFM", "train.model.MultiHead")
+OWN_MODELS = (
+    "train.model.DNN",
+    "train.model.DCN",
+    "train.model.DeepFM",
+    "train.model.MultiHead",
+    "train.multitask.MMoE",
+    "train.multitask.PLE",
+)
 """Networks that embed the categorical features (need at least one), checked here early."""
+TRAINING_KEYS = ("head_weights", "balance")
+"""`model` config keys that configure how a multi-task network trains (per-head weight schemes,
+loss balancing: `train.heads`, `train.balance`), not the network: never passed to its class."""
 EARLY = ("weights", "optimizer", "scheduler")
 """Groups whose `train.` factory checks its values without building anything: run now (the
 weight scheme's label then fails as itself, not as a `monitor` naming it)."""
@@ -344,7 +354,9 @@ def check_targets(config: Mapping[str, Any], where: str = "") -> None:
             )
         allowed = _parameters(found)
         if allowed is not None:
-            unknown = [k for k in _arguments(config) if k not in allowed]
+            # The model section's training keys are the module's (`train.model.network_config`).
+            free = TRAINING_KEYS if where == "model." else ()
+            unknown = [k for k in _arguments(config) if k not in allowed and k not in free]
             if unknown:
                 key = unknown[0]
                 if config.get("_partial_"):  # the job passes the arguments without defaults

@@ -1,4 +1,4 @@
-"""Multi-head training (`model=multihead`), the no-retrain fusion baseline: every behaviour's
+"""Multi-head training (`model=multihead`, `mmoe`, `ple`), the no-retrain fusion baselines: every behaviour's
 head on its own loss, evaluation of every head, and the test predictions the report's α sweep
 (`train.report.fusion`) reads.
 
@@ -15,7 +15,9 @@ continuous one (watch time) is YouTube's weighted logistic head (Covington et al
 label `value > 0`, positives weighted by their value over the mean value of the training
 positives, negatives 1, so its odds estimate E[value] / (mean positive value) and its
 probability ranks by expected watch time on a scale comparable with the binary heads' (which
-makes log p of every head a sensible term of the fusion).
+makes log p of every head a sensible term of the fusion). A head may instead take its own
+weight scheme (`model.head_weights={click: seed}`, the grammar of `conf/weights/`): its loss is
+then that scheme's weighted BCE, as if its rows were repeated by their weights.
 
 The fused score is a ranking score, not a probability: a multi-head run's `<label>/logloss` and
 `<label>/calibration` measure its label head's probability instead.
@@ -40,7 +42,7 @@ from train.layout import ARTIFACT_KEY, PREDICTIONS_FORMAT
 from train.metrics import CatMetric, auc, calibration, logloss, xauc
 from train.objective import Evaluation, Objective
 from train.storage import write_parquet
-from train.weights import WeightScheme
+from train.weights import SchemeError, WeightScheme
 
 
 def positive_means(stats: TrainStats) -> dict[str, float]:
@@ -209,6 +211,7 @@ class PerHeadBCE(Objective):
         spec: FeatureSpec,
         stats: TrainStats,
         evaluation: Evaluation,
+        head_schemes: Mapping[str, WeightScheme] | None = None,
     ) -> None:
         super().__init__()
         self.heads = list(heads)
@@ -226,6 +229,19 @@ class PerHeadBCE(Objective):
                 stacklevel=2,
             )
         self.columns = [behaviours.index(h) for h in self.heads]
+        self.behaviours = behaviours
+        self.head_schemes = dict(head_schemes or {})
+        for head, own in self.head_schemes.items():
+            if head not in self.heads:
+                raise SchemeError(
+                    f"model.head_weights.{head}: not a head of this model {self.heads}"
+                )
+            try:
+                own.check_behaviours(behaviours)
+            except SchemeError as err:
+                raise SchemeError(f"model.head_weights.{head} ({own.name}): {err}") from err
+        # Columns of the heads a scheme weighs, in head order.
+        self.schemed = [(self.heads.index(h), s) for h, s in self.head_schemes.items()]
         self.fusion = dict(fusion)
         alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
         self.register_buffer("alpha", alpha, persistent=False)
@@ -247,7 +263,15 @@ class PerHeadBCE(Objective):
 
     def targets(self, behaviours: Tensor) -> tuple[Tensor, Tensor]:
         values = behaviours[:, self.columns]
-        return (values > 0).float(), head_weights(values, self.head_scale)
+        weights = head_weights(values, self.head_scale)
+        if self.schemed:
+            # A head with its own scheme takes the scheme's weights (in place of a continuous
+            # head's value weighting); normalisation does not matter, Σwℓ / Σw is per head.
+            columns = list(weights.unbind(1))
+            for j, scheme in self.schemed:
+                columns[j] = scheme.weights(behaviours, self.behaviours)
+            weights = torch.stack(columns, dim=1)
+        return (values > 0).float(), weights
 
     def score(self, probs: Tensor) -> Tensor:
         # The metrics rank by the fused score, computed as the report's α sweep does.

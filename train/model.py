@@ -3,12 +3,14 @@ list columns) to one logit per impression (`MultiHead`: one per behaviour). No L
 config types: any module with this call signature plugs in through `conf/model/` (the trainer
 passes `cardinalities` and `num_dense`, and `sequences` when the data has list columns).
 
-Longer than 450 lines: every network a `conf/model/` YAML names (`DNN`, `DCN`, `DeepFM`,
-`MultiHead`) lives here beside the embeddings and the option checks they share, so that
-`train.model` is the one place a config's `_target_` and its checks are read from."""
+Longer than 450 lines: the networks of `conf/model/` (`DNN`, `DCN`, `DeepFM`, `MultiHead`) live
+here beside the embeddings, the multi-task base (`MultiTaskNetwork`: heads, fusion, conditions)
+and the option checks they share; the expert networks built on that base (`MMoE`, `PLE`) are in
+`train.multitask`."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import math
@@ -19,9 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config_checks import boolean, integer, ints, number, one_of, optional, require
+from train.balance import check_balance
+from train.config_checks import (
+    TRAINING_KEYS,
+    boolean,
+    integer,
+    ints,
+    number,
+    one_of,
+    optional,
+    require,
+)
 from train.data.batch import SequenceInput
 from train.errors import ConfigError
+from train.weights import check_head_weights
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -370,7 +383,164 @@ class DeepFM(RankingNetwork):
         return first + fm_interaction(every) + deep
 
 
-class MultiHead(RankingNetwork):
+def network_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `model` config without `TRAINING_KEYS`: what builds the network."""
+    return {k: v for k, v in config.items() if k not in TRAINING_KEYS}
+
+
+class MultiTaskNetwork(RankingNetwork):
+    """What every network with a head per behaviour shares (`MultiHead` here, `MMoE` and `PLE`
+    in `train.multitask`): `DNN`'s embeddings, heads by name, the fusion of their scores, and
+    ESMM-style conditions. Its forward is `head_logits(shared(...))`: loss balancing measures
+    each head's gradient at the shared representation (`train.balance.GradNorm`).
+
+    `condition` ({finish: click}): the finish head's own logit is p(finish | click), and the
+    network outputs the logit of p(finish) = p(click)·p(finish | click) (Ma et al. 2018,
+    ESMM), so its loss is the whole impression space's while the conditional head only learns
+    what a click leaves open. Chains (like: finish, finish: click) multiply down the chain."""
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        heads: Sequence[str],
+        fusion: Mapping[str, float] | None,
+        condition: Mapping[str, str] | None,
+        embedding_dim: int,
+        sparse_embeddings: bool,
+        sequences: Sequence[SequenceInput],
+    ) -> None:
+        super().__init__()
+        self.heads = [str(h) for h in heads]
+        self.fusion = check_fusion(fusion, self.heads)
+        self.condition = check_condition(condition, self.heads)
+        # Not persistent: the fusion is a choice at scoring time, not a learned weight, so a
+        # checkpoint can be scored or warm-started under another fusion.
+        alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
+        self.register_buffer("alpha", alpha, persistent=False)
+        self.chain = [
+            (self.heads.index(h), self.heads.index(self.condition[h]))
+            for h in conditional_order(self.condition)
+        ]
+        self.embeddings = FeatureEmbeddings(
+            cardinalities, embedding_dim, sparse_embeddings, sequences
+        )
+        self.input_width = self.embeddings.num_fields * embedding_dim + num_dense
+
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        heads = options.get("heads")
+        if isinstance(heads, str) or not isinstance(heads, Sequence):
+            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
+        names = [str(h) for h in heads]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"model.heads must name distinct behaviours, got {names}")
+        RankingNetwork.check(options)
+        require("model.head_hidden", options["head_hidden"], ints(1))
+        check_fusion(options["fusion"], names)
+        check_condition(options["condition"], names)
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        super().check_config(config)
+        # The training keys are read by the module, but their names are checked with the
+        # network's, before the data is read.
+        heads = [str(h) for h in config["heads"]]
+        check_head_weights(config.get("head_weights"), heads)
+        check_balance(config.get("balance"), heads)
+
+    def inputs(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[flattened fields, dense]: every network's input."""
+        return torch.cat([self.embeddings(categorical, sequences).flatten(1), dense], dim=1)
+
+    def shared(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What every head reads (the input, unless a subclass has a shared trunk)."""
+        return self.inputs(categorical, dense, sequences)
+
+    def head_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, heads] of p(head) from the shared representation."""
+        return self.conditioned(self.tower_logits(shared))
+
+    def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        """Every head's own logit [rows, heads] (a conditional one: given its condition)."""
+        raise NotImplementedError
+
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.head_logits(self.shared(categorical, dense, sequences))
+
+    def conditioned(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each conditional head's logit turned into the logit of its unconditional
+        probability, log p(h) = log p(h | parent) + log p(parent) in log space (exact where a
+        product of probabilities would round to 0); unconditioned heads are returned as is."""
+        if not self.chain:
+            return logits
+        log_p = list(F.logsigmoid(logits.float()).unbind(1))
+        columns = list(logits.float().unbind(1))
+        for child, parent in self.chain:  # parents first
+            log_p[child] = log_p[child] + log_p[parent]
+            columns[child] = logit_of_log(log_p[child])
+        return torch.stack(columns, dim=1)
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Π_b p_b^α_b from logits [rows, heads]: the fused ranking score (log-sigmoid keeps
+        it finite where a probability would round to 0)."""
+        return torch.exp((F.logsigmoid(logits.float()) * self.alpha).sum(1))
+
+
+def logit_of_log(log_p: torch.Tensor) -> torch.Tensor:
+    """log p − log(1 − p) from log p ≤ 0, stably (Mächler's log1mexp); p is kept below 1 so
+    the logit stays finite."""
+    log_p = log_p.clamp(max=-torch.finfo(log_p.dtype).tiny)
+    log_not = torch.where(
+        log_p > -math.log(2), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p))
+    )
+    return log_p - log_not
+
+
+def check_condition(condition: Mapping[str, str] | None, heads: Sequence[str]) -> dict[str, str]:
+    """`model.condition` -> {head: the head it is conditioned on}, every name a head, no cycle."""
+    if condition is None:
+        return {}
+    if not isinstance(condition, Mapping):
+        raise ConfigError(
+            f"model.condition={condition!r}: expected a mapping head -> the head it is "
+            "conditioned on, e.g. {finish: click, like: click}"
+        )
+    out = {str(k): str(v) for k, v in condition.items()}
+    for child, parent in out.items():
+        for name in (child, parent):
+            if name not in heads:
+                raise ConfigError(
+                    f"model.condition.{child}: {name!r} is not a head of this model {list(heads)}"
+                )
+    for start in out:
+        path = [start]
+        while path[-1] in out:
+            path.append(out[path[-1]])
+            if path[-1] in path[:-1]:
+                raise ConfigError(
+                    f"model.condition.{start}: the conditions form a cycle "
+                    f"({' -> '.join(path)}); a head cannot depend on itself"
+                )
+    return out
+
+
+def conditional_order(condition: Mapping[str, str]) -> list[str]:
+    """The conditional heads, every parent before its children (acyclic, `check_condition`)."""
+
+    def depth(head: str) -> int:
+        return 0 if head not in condition else 1 + depth(condition[head])
+
+    return sorted(condition, key=depth)
+
+
+class MultiHead(MultiTaskNetwork):
     """Shared bottom + one small head per behaviour -> logits [rows, heads] (`model=multihead`).
 
     The shared bottom is the DNN's hashed embeddings + dense inputs, then an MLP trunk of sizes
@@ -393,21 +563,20 @@ class MultiHead(RankingNetwork):
         activation: str = "relu",
         sparse_embeddings: bool = True,
         sequences: Sequence[SequenceInput] = (),
+        condition: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__()
         self.check(locals())
-        self.heads = [str(h) for h in heads]
-        self.fusion = check_fusion(fusion, self.heads)
-        # Not persistent: the fusion is a choice at scoring time, not a learned weight, so a
-        # checkpoint can be scored or warm-started under another fusion.
-        alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
-        self.register_buffer("alpha", alpha, persistent=False)
-        self.embeddings = FeatureEmbeddings(
-            cardinalities, embedding_dim, sparse_embeddings, sequences
+        super().__init__(
+            cardinalities,
+            num_dense,
+            heads,
+            fusion,
+            condition,
+            embedding_dim,
+            sparse_embeddings,
+            sequences,
         )
-        layers, width = mlp(
-            self.embeddings.num_fields * embedding_dim + num_dense, hidden, activation, dropout
-        )
+        layers, width = mlp(self.input_width, hidden, activation, dropout)
         self.trunk = nn.Sequential(*layers)
         towers = []
         for _ in self.heads:
@@ -415,35 +584,13 @@ class MultiHead(RankingNetwork):
             towers.append(nn.Sequential(*layers, nn.Linear(out, 1)))
         self.towers = nn.ModuleList(towers)
 
-    @staticmethod
-    def check(options: Mapping[str, Any]) -> None:
-        heads = options.get("heads")
-        if isinstance(heads, str) or not isinstance(heads, Sequence):
-            raise ConfigError(f"model.heads={heads!r}: expected a list of behaviour names")
-        names = [str(h) for h in heads]
-        if not names or len(set(names)) != len(names):
-            raise ConfigError(f"model.heads must name distinct behaviours, got {names}")
-        RankingNetwork.check(options)
-        require("model.head_hidden", options["head_hidden"], ints(1))
-        check_fusion(options["fusion"], names)
-
-    def forward(
+    def shared(
         self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
     ) -> torch.Tensor:
-        fields = self.embeddings(categorical, sequences).flatten(1)
-        x = self.trunk(torch.cat([fields, dense], dim=1))
-        return torch.cat([tower(x) for tower in self.towers], dim=1)
+        return self.trunk(self.inputs(categorical, dense, sequences))
 
-    def score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Π_b p_b^α_b from logits [rows, heads]: the fused ranking score (log-sigmoid keeps
-        it finite where a probability would round to 0)."""
-        return torch.exp((F.logsigmoid(logits.float()) * self.alpha).sum(1))
-
-
-NETWORKS: dict[str, type[RankingNetwork]] = {
-    cls.__name__: cls for cls in (DNN, DCN, DeepFM, MultiHead)
-}
-"""The networks `conf/model/` names, by class name."""
+    def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tower(shared) for tower in self.towers], dim=1)
 
 
 def check_options(
@@ -465,8 +612,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     """A `model` config of a network of this module (the class its `_target_` names; `DNN`
     when it names none of them), checked without building the network (so a bad value stops
     the job before the data is read). Keys left out take the defaults of that class."""
-    target = str(config.get("_target_", ""))
-    NETWORKS.get(target.rpartition(".")[2], DNN).check_config(config)
+    module, _, name = str(config.get("_target_", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        cls = None
+    (cls if isinstance(cls, type) and issubclass(cls, RankingNetwork) else DNN).check_config(config)
 
 
 def check_fusion(fusion: Mapping[str, float] | None, heads: Sequence[str]) -> dict[str, float]:

@@ -11,15 +11,16 @@ import lightning as L
 import torch
 from torch import nn
 
+from train.balance import balance_for
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.data.vocabulary import Vocabulary
-from train.errors import UpweightError
+from train.errors import ConfigError, UpweightError
 from train.heads import PerHeadBCE
 from train.layout import ARTIFACT_KEY
 from train.metrics import BehaviourMetrics
-from train.model import check_fusion, network_logits
+from train.model import MultiTaskNetwork, check_fusion, network_logits
 from train.nonfinite import NonFiniteGuard
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
@@ -47,13 +48,19 @@ def objective_for(
     spec: FeatureSpec,
     stats: TrainStats,
     evaluation: Evaluation,
+    head_schemes: Mapping[str, WeightScheme] | None = None,
 ) -> Objective:
-    """A network that names heads trains every head on its own loss; any other, one logit on
-    the scheme's weighted loss."""
+    """A network that names heads trains every head on its own loss (or its own scheme's);
+    any other, one logit on the scheme's weighted loss."""
     heads = getattr(model, "heads", None)
     if heads:
         fusion = check_fusion(getattr(model, "fusion", None), heads)
-        return PerHeadBCE(heads, fusion, scheme, spec, stats, evaluation)
+        return PerHeadBCE(heads, fusion, scheme, spec, stats, evaluation, head_schemes)
+    if head_schemes:
+        raise ConfigError(
+            "model.head_weights: per-head weight schemes need a model with heads "
+            "(model=multihead, mmoe or ple); this one has one logit"
+        )
     return WeightedBCE(scheme, spec, stats)
 
 
@@ -73,14 +80,27 @@ class RankingModule(L.LightningModule):
         evaluation: Evaluation = DEFAULT_EVALUATION,
         nonfinite: str = "stop",
         model_config: Mapping[str, Any] | None = None,
+        head_schemes: Mapping[str, WeightScheme] | None = None,
+        balance: str | Mapping[str, Any] | None = None,
     ) -> None:
         """`model_config` (the `model` config that built `model`) goes into every checkpoint,
-        so scoring and warm starts can rebuild the network."""
+        so scoring and warm starts can rebuild the network. `head_schemes` and `balance`: a
+        multi-task model's per-head weight schemes and loss balancing (`model.head_weights`,
+        `model.balance`)."""
         super().__init__()
         self.model = model
         self.scheme = scheme
         self.preprocess = DensePreprocess(stats.dense_mean, stats.dense_std, spec.dense_fill)
-        self.objective = objective_for(model, scheme, spec, stats, evaluation)
+        self.objective = objective_for(model, scheme, spec, stats, evaluation, head_schemes)
+        heads = getattr(model, "heads", None)
+        if balance is not None and not heads:
+            raise ConfigError("model.balance: loss balancing needs a model with heads")
+        self.balance = balance_for(balance, heads or ["score"])
+        if self.balance.needs_shared and not isinstance(model, MultiTaskNetwork):
+            raise ConfigError(
+                f"model.balance=gradnorm: {type(model).__name__} does not expose its shared "
+                "representation (a train.model.MultiTaskNetwork does)"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.evaluation = evaluation
@@ -114,7 +134,13 @@ class RankingModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # Nothing here reads a value back to the host: a GPU runs ahead of Python all step.
-        logits = self(batch.categorical, batch.dense, batch.sequences)
+        shared = None
+        if self.balance.needs_shared:  # its gradient norms are measured there
+            dense = self.preprocess(batch.dense)
+            shared = self.model.shared(batch.categorical, dense, batch.sequences)
+            logits = self.model.head_logits(shared)
+        else:
+            logits = self(batch.categorical, batch.dense, batch.sequences)
         rows = len(batch.behaviours)
         label, weight = self.objective.targets(batch.behaviours)
         weighted, summed = loss_sums(logits.reshape(rows, -1), label, weight)
@@ -128,13 +154,28 @@ class RankingModule(L.LightningModule):
         self.guard.loss(total[-1] > 0, self.global_step, logits, label, weight, batch.dense)
         outputs = len(summed)
         denominator = total[outputs : 2 * outputs].clamp_min(torch.finfo(torch.float32).tiny)
+        world = self.trainer.world_size
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
-        loss = (weighted.sum(0) / denominator).sum() * self.trainer.world_size
+        losses = weighted.sum(0) / denominator * world
+        global_losses = total[:outputs] / denominator
+        loss = self.balance.combine(losses, global_losses, shared, self._sum_over_ranks, world)
         # Only on the steps the logger writes (`self.log` is Python work on every call), and not
         # on the progress bar: Lightning turns its values into Python numbers after every step.
         if self._logging_step():
-            self.log("train/loss", (total[:outputs] / denominator).sum())
+            self.log("train/loss", global_losses.sum())
+            if outputs > 1:  # each head's loss and its weight in the balance
+                weights = self.balance.effective().detach()
+                for j, head in enumerate(self.balance.heads):
+                    self.log(f"train/{head}/loss", global_losses[j])
+                    self.log(f"train/{head}/head_weight", weights[j])
         return loss
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.balance.after_step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are all-reduced by now (identical on every rank): no extra collective.
@@ -199,7 +240,8 @@ class RankingModule(L.LightningModule):
         self.log_dict(self.test_results)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model)
+        # The balance's learned weights (if any) step with the network's dense parameters.
+        optimizer = self.optimizer_factory(nn.ModuleList([self.model, self.balance]))
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

@@ -47,13 +47,14 @@ import torch
 from torch import nn
 
 from train.checkpoint import CheckpointError, contents, dense_stats
+from train.config_checks import TRAINING_KEYS
 from train.data.features import FeatureSpec
 from train.data.vocabulary import VOCAB, Vocabulary
 from train.errors import UpweightError
 
-FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion"})
-"""Model settings a warm start may change: dropout, the gradient layout and the fusion of a
-multi-head model's scores."""
+FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion", *TRAINING_KEYS})
+"""Model settings a warm start may change: dropout, the gradient layout, the fusion of a
+multi-head model's scores, and how its heads train (per-head weights, loss balancing)."""
 
 
 class WarmStartError(UpweightError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -242,3 +243,62 @@ def _plain(value: Any) -> Any:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_head_weights(config: Any, heads: Sequence[str]) -> None:
+    """`model.head_weights`: null or {head: scheme}, every key a head of the model and every
+    scheme a name (of `conf/weights/`) or a mapping in the same grammar."""
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        raise SchemeError(
+            f"model.head_weights={config!r}: expected a mapping head -> weight scheme, "
+            "e.g. {click: seed}"
+        )
+    for head, scheme in config.items():
+        if head not in heads:
+            raise SchemeError(f"model.head_weights.{head}: not a head of this model {list(heads)}")
+        if not isinstance(scheme, str | Mapping):
+            raise SchemeError(
+                f"model.head_weights.{head}={scheme!r}: expected the name of a weight scheme "
+                "(conf/weights/<name>.yaml) or a scheme mapping {label: ..., terms: [...]}"
+            )
+
+
+def head_schemes(config: Mapping[str, Any] | None) -> dict[str, WeightScheme]:
+    """`model.head_weights` -> {head: scheme}. A name is composed as `weights=<name>` would be
+    (the package's `conf/weights/` and any `--config-dir`), a mapping built as that YAML is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate  # the seam of per-head schemes
+
+    schemes = {}
+    for head, scheme in (config or {}).items():
+        where = f"model.head_weights.{head}"
+        config = _compose_weights(scheme, where) if isinstance(scheme, str) else scheme
+        try:
+            if isinstance(scheme, str):
+                schemes[head] = instantiate(config)
+            else:
+                schemes[head] = build_scheme(**{k: v for k, v in config.items() if k != "_target_"})
+        except (SchemeError, TypeError, InstantiationException) as err:
+            cause = err.__cause__ if isinstance(err, InstantiationException) else err
+            raise SchemeError(f"{where}: {cause or err}") from err
+    return schemes
+
+
+def _compose_weights(name: str, where: str) -> Any:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    overrides = [f"weights={name}"]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside `python -m train`
+            return compose(config_name="train", overrides=overrides).weights
+        with initialize_config_dir(str(Path(__file__).parent / "conf"), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides).weights
+    except MissingConfigException as err:
+        raise SchemeError(
+            f"{where}={name!r}: no weight scheme of that name (expected a file "
+            f"conf/weights/{name}.yaml, as `weights={name}` would read)"
+        ) from err

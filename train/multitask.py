@@ -1,0 +1,222 @@
+"""Expert networks for multi-task ranking, the rivals of sample weighting that recommendation
+teams compare (`model=mmoe`, `model=ple`): the inputs, heads, fusion and conditions of
+`train.model.MultiTaskNetwork`, with mixtures of experts between the input and each head's
+tower instead of one shared trunk.
+
+- `MMoE` (Ma et al. 2018): E expert MLPs on the input; each head mixes them with its own
+  softmax gate, so heads that pull apart (click vs finish) can weigh different experts.
+- `PLE` (Tang et al. 2020): every extraction level has experts of each task and shared ones;
+  a task's gate mixes its own and the shared experts, the shared gate mixes all of them for the
+  next level. Task experts no other head trains are what keeps one head's gradient from seesawing
+  another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.config_checks import integer, require
+from train.data.batch import SequenceInput
+from train.errors import ConfigError
+from train.model import MultiTaskNetwork, mlp
+
+
+def expert_mlps(
+    width: int, count: int, hidden: Sequence[int], activation: str, dropout: float
+) -> nn.ModuleList:
+    """`count` MLPs of sizes `hidden` on inputs of `width`."""
+    return nn.ModuleList(
+        nn.Sequential(*mlp(width, hidden, activation, dropout)[0]) for _ in range(count)
+    )
+
+
+def mix(gate: nn.Linear, x: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Σ_e softmax(gate(x))_e · outputs[:, e] for expert outputs [rows, experts, width]."""
+    return (torch.softmax(gate(x), dim=-1).unsqueeze(-1) * outputs).sum(1)
+
+
+def towers(
+    heads: int, width: int, hidden: Sequence[int], activation: str, dropout: float
+) -> nn.ModuleList:
+    """One MLP tower per head ending in its logit."""
+    out = []
+    for _ in range(heads):
+        layers, last = mlp(width, hidden, activation, dropout)
+        out.append(nn.Sequential(*layers, nn.Linear(last, 1)))
+    return nn.ModuleList(out)
+
+
+def check_hidden(options: Mapping[str, Any]) -> None:
+    """An expert is an MLP: an expert of no layers would pass the input through, and every
+    expert (and gate) would see the same thing."""
+    if not list(options["hidden"]):
+        raise ConfigError("model.hidden=[]: expected the experts' layer sizes, e.g. [128]")
+
+
+class MMoE(MultiTaskNetwork):
+    """Multi-gate mixture of experts: `experts` MLPs of sizes `hidden` on [fields, dense], one
+    softmax gate per head over the experts, then each head's tower (`head_hidden`)."""
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        heads: Sequence[str],
+        fusion: Mapping[str, float] | None = None,
+        condition: Mapping[str, str] | None = None,
+        embedding_dim: int = 16,
+        experts: int = 4,
+        hidden: Sequence[int] = (128,),
+        head_hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
+    ) -> None:
+        self.check(locals())
+        super().__init__(
+            cardinalities,
+            num_dense,
+            heads,
+            fusion,
+            condition,
+            embedding_dim,
+            sparse_embeddings,
+            sequences,
+        )
+        self.experts = expert_mlps(self.input_width, experts, hidden, activation, dropout)
+        self.gates = nn.ModuleList(nn.Linear(self.input_width, experts) for _ in self.heads)
+        self.towers = towers(len(self.heads), hidden[-1], head_hidden, activation, dropout)
+
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        MultiTaskNetwork.check(options)
+        require("model.experts", options["experts"], integer(1))
+        check_hidden(options)
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's weights over the experts [rows, heads, experts] (each row sums to 1)."""
+        return torch.stack([torch.softmax(gate(x), dim=-1) for gate in self.gates], dim=1)
+
+    def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        outputs = torch.stack([expert(shared) for expert in self.experts], dim=1)
+        mixed = torch.bmm(self.gate_weights(shared), outputs)  # [rows, heads, width]
+        return torch.cat([tower(mixed[:, j]) for j, tower in enumerate(self.towers)], dim=1)
+
+
+class ExtractionLevel(nn.Module):
+    """One PLE level: `task_experts` experts per head and `shared_experts` shared ones; head k's
+    gate mixes its own and the shared experts on its own input; the shared gate (all but the
+    last level) mixes every expert on the shared input."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        task_experts: int,
+        shared_experts: int,
+        hidden: Sequence[int],
+        activation: str,
+        dropout: float,
+        last: bool,
+    ) -> None:
+        super().__init__()
+        self.task = nn.ModuleList(
+            expert_mlps(width, task_experts, hidden, activation, dropout) for _ in range(heads)
+        )
+        self.shared = expert_mlps(width, shared_experts, hidden, activation, dropout)
+        self.task_gates = nn.ModuleList(
+            nn.Linear(width, task_experts + shared_experts) for _ in range(heads)
+        )
+        every = heads * task_experts + shared_experts
+        self.shared_gate = None if last else nn.Linear(width, every)
+
+    def forward(
+        self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        shared = [expert(shared_input) for expert in self.shared]
+        own = [
+            [expert(x) for expert in group] for group, x in zip(self.task, task_inputs, strict=True)
+        ]
+        task_outputs = [
+            mix(gate, x, torch.stack(mine + shared, dim=1))
+            for gate, x, mine in zip(self.task_gates, task_inputs, own, strict=True)
+        ]
+        if self.shared_gate is None:
+            return task_outputs, None
+        every = torch.stack([o for mine in own for o in mine] + shared, dim=1)
+        return task_outputs, mix(self.shared_gate, shared_input, every)
+
+
+class PLE(MultiTaskNetwork):
+    """Progressive layered extraction: `levels` extraction levels (`ExtractionLevel`), each
+    expert an MLP of sizes `hidden`, then each head's tower (`head_hidden`) on its last level's
+    mixture. One level with no shared experts is one expert + tower per head, nothing shared
+    but the embeddings."""
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        heads: Sequence[str],
+        fusion: Mapping[str, float] | None = None,
+        condition: Mapping[str, str] | None = None,
+        embedding_dim: int = 16,
+        levels: int = 2,
+        task_experts: int = 1,
+        shared_experts: int = 2,
+        hidden: Sequence[int] = (64,),
+        head_hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        sparse_embeddings: bool = True,
+        sequences: Sequence[SequenceInput] = (),
+    ) -> None:
+        self.check(locals())
+        super().__init__(
+            cardinalities,
+            num_dense,
+            heads,
+            fusion,
+            condition,
+            embedding_dim,
+            sparse_embeddings,
+            sequences,
+        )
+        widths = [self.input_width] + [hidden[-1]] * (levels - 1)
+        self.levels = nn.ModuleList(
+            ExtractionLevel(
+                width,
+                len(self.heads),
+                task_experts,
+                shared_experts,
+                hidden,
+                activation,
+                dropout,
+                last=i == levels - 1,
+            )
+            for i, width in enumerate(widths)
+        )
+        self.towers = towers(len(self.heads), hidden[-1], head_hidden, activation, dropout)
+
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> None:
+        MultiTaskNetwork.check(options)
+        require("model.levels", options["levels"], integer(1))
+        require("model.task_experts", options["task_experts"], integer(1))
+        require("model.shared_experts", options["shared_experts"], integer(0))
+        check_hidden(options)
+
+    def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        task_inputs: list[torch.Tensor] = [shared] * len(self.heads)
+        shared_input: torch.Tensor | None = shared
+        for level in self.levels:
+            assert shared_input is not None  # only the last level has no shared output
+            task_inputs, shared_input = level(task_inputs, shared_input)
+        return torch.cat(
+            [tower(x) for tower, x in zip(self.towers, task_inputs, strict=True)], dim=1
+        )
