@@ -64,10 +64,10 @@ def test_ple_with_one_level_and_no_shared_experts_is_one_tower_per_task():
     categorical, dense = inputs()
     x = net.shared(categorical, dense)
     level = net.levels[0]
-    assert level.shared_gate is None and len(level.shared) == 0
+    assert level.shared_gate is None and level.shared is None
     # By hand: head k = tower_k(expert_k(x)); its gate softmaxes a single logit, so weighs 1.
     by_hand = torch.cat(
-        [net.towers[k](level.task[k][0](x)) for k in range(2)],
+        [net.towers[k](level.task[k](x)[:, 0]) for k in range(2)],
         dim=1,
     )
     torch.testing.assert_close(net(categorical, dense), by_hand)

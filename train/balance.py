@@ -121,14 +121,12 @@ class GradNorm(Balance):
         assert shared is not None and reduce is not None
         # This rank's rows' part of ∇_shared L_h (losses carry × world); the global norm² is
         # the sum over ranks of the parts' norms² (each row belongs to one rank).
-        squares = torch.stack(
-            [
-                (torch.autograd.grad(loss, shared, retain_graph=True)[0].float() / world)
-                .square()
-                .sum()
-                for loss in losses
-            ]
-        )
+        # One vectorised backward for every head (is_grads_batched), not one pass per head.
+        eye = torch.eye(len(losses), device=losses.device, dtype=losses.dtype)
+        grads = torch.autograd.grad(
+            losses, shared, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+        )[0]
+        squares = (grads.float() / world).square().flatten(1).sum(1)
         norms = reduce(squares).sqrt()
         with torch.no_grad():
             self.initial.copy_(torch.where(self.started, self.initial, global_losses))

@@ -205,12 +205,8 @@ METRIC_NAMES = (
 BETTER = {"auc": "max", "gauc": "max", "xauc": "max", "logloss": "min"}
 """The direction of the metrics whose direction is not a choice (calibration's is)."""
 OWN_MODELS = (
-    "train.model.DNN",
-    "train.model.DCN",
-    "train.model.DeepFM",
-    "train.model.MultiHead",
-    "train.multitask.MMoE",
-    "train.multitask.PLE",
+    *(f"train.model.{name}" for name in ("DNN", "DCN", "DeepFM", "MultiHead")),
+    *(f"train.multitask.{name}" for name in ("MMoE", "PLE")),
 )
 """Networks that embed the categorical features (need at least one), checked here early."""
 TRAINING_KEYS = ("head_weights", "balance")

@@ -13,6 +13,7 @@ tower instead of one shared trunk.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,16 +23,37 @@ from torch import nn
 from train.config_checks import integer, require
 from train.data.batch import SequenceInput
 from train.errors import ConfigError
-from train.model import MultiTaskNetwork, mlp
+from train.model import ACTIVATIONS, MultiTaskNetwork, mlp
 
 
-def expert_mlps(
-    width: int, count: int, hidden: Sequence[int], activation: str, dropout: float
-) -> nn.ModuleList:
-    """`count` MLPs of sizes `hidden` on inputs of `width`."""
-    return nn.ModuleList(
-        nn.Sequential(*mlp(width, hidden, activation, dropout)[0]) for _ in range(count)
-    )
+class Experts(nn.Module):
+    """`count` expert MLPs of sizes `hidden` on one input, computed together: the first layer
+    of every expert is one Linear (in -> count x size), the later ones one batched matmul, so
+    four experts cost four experts' arithmetic, not four rounds of small kernels.
+    Output [rows, count, hidden[-1]]."""
+
+    def __init__(
+        self, width: int, count: int, hidden: Sequence[int], activation: str, dropout: float
+    ) -> None:
+        super().__init__()
+        self.count = count
+        self.first = nn.Linear(width, count * hidden[0])
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for size, out in itertools.pairwise(hidden):
+            # nn.Linear's own init, one per expert: each expert starts as an ordinary MLP.
+            layers = [nn.Linear(size, out) for _ in range(count)]
+            self.weights.append(nn.Parameter(torch.stack([x.weight.T for x in layers])))
+            self.biases.append(nn.Parameter(torch.stack([x.bias for x in layers]).unsqueeze(1)))
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.activation(self.first(x)))  # [rows, count * size]
+        h = h.view(len(x), self.count, -1).transpose(0, 1)  # [count, rows, size]
+        for weight, bias in zip(self.weights, self.biases, strict=True):
+            h = self.dropout(self.activation(torch.baddbmm(bias, h, weight)))
+        return h.transpose(0, 1)
 
 
 def mix(gate: nn.Linear, x: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -88,8 +110,9 @@ class MMoE(MultiTaskNetwork):
             sparse_embeddings,
             sequences,
         )
-        self.experts = expert_mlps(self.input_width, experts, hidden, activation, dropout)
-        self.gates = nn.ModuleList(nn.Linear(self.input_width, experts) for _ in self.heads)
+        self.experts = Experts(self.input_width, experts, hidden, activation, dropout)
+        # Every head's gate in one Linear: [rows, heads x experts].
+        self.gates = nn.Linear(self.input_width, len(self.heads) * experts)
         self.towers = towers(len(self.heads), hidden[-1], head_hidden, activation, dropout)
 
     @staticmethod
@@ -100,11 +123,10 @@ class MMoE(MultiTaskNetwork):
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Every head's weights over the experts [rows, heads, experts] (each row sums to 1)."""
-        return torch.stack([torch.softmax(gate(x), dim=-1) for gate in self.gates], dim=1)
+        return torch.softmax(self.gates(x).view(len(x), len(self.heads), -1), dim=-1)
 
     def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
-        outputs = torch.stack([expert(shared) for expert in self.experts], dim=1)
-        mixed = torch.bmm(self.gate_weights(shared), outputs)  # [rows, heads, width]
+        mixed = torch.bmm(self.gate_weights(shared), self.experts(shared))  # [rows, heads, width]
         return torch.cat([tower(mixed[:, j]) for j, tower in enumerate(self.towers)], dim=1)
 
 
@@ -126,9 +148,11 @@ class ExtractionLevel(nn.Module):
     ) -> None:
         super().__init__()
         self.task = nn.ModuleList(
-            expert_mlps(width, task_experts, hidden, activation, dropout) for _ in range(heads)
+            Experts(width, task_experts, hidden, activation, dropout) for _ in range(heads)
         )
-        self.shared = expert_mlps(width, shared_experts, hidden, activation, dropout)
+        self.shared = (
+            Experts(width, shared_experts, hidden, activation, dropout) if shared_experts else None
+        )
         self.task_gates = nn.ModuleList(
             nn.Linear(width, task_experts + shared_experts) for _ in range(heads)
         )
@@ -138,18 +162,15 @@ class ExtractionLevel(nn.Module):
     def forward(
         self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        shared = [expert(shared_input) for expert in self.shared]
-        own = [
-            [expert(x) for expert in group] for group, x in zip(self.task, task_inputs, strict=True)
-        ]
+        shared = [] if self.shared is None else [self.shared(shared_input)]
+        own = [group(x) for group, x in zip(self.task, task_inputs, strict=True)]
         task_outputs = [
-            mix(gate, x, torch.stack(mine + shared, dim=1))
+            mix(gate, x, torch.cat([mine, *shared], dim=1))
             for gate, x, mine in zip(self.task_gates, task_inputs, own, strict=True)
         ]
         if self.shared_gate is None:
             return task_outputs, None
-        every = torch.stack([o for mine in own for o in mine] + shared, dim=1)
-        return task_outputs, mix(self.shared_gate, shared_input, every)
+        return task_outputs, mix(self.shared_gate, shared_input, torch.cat(own + shared, dim=1))
 
 
 class PLE(MultiTaskNetwork):
