@@ -8,6 +8,10 @@ caller. Conventions, chosen so a report never hides or invents a winner:
 * tied or duplicate points do not dominate each other: all copies stay on the front;
 * a point with a NaN in any chosen metric is not comparable: it is never on the front and
   dominates nothing (a metric that is undefined, e.g. one class only, cannot be ranked).
+
+`gains_at_equal_x` compares single points with a front at the same x (the report's verdict:
+a weighting scheme against a multi-task run's fusion front): piecewise-linear between front
+points, never extrapolated past the front's ends.
 """
 
 from __future__ import annotations
