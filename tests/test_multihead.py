@@ -22,7 +22,7 @@ from train import heads
 from train.checkpoint import load
 from train.layout import PREDICTIONS_FILE
 from train.model import MultiHead
-from train.report import build_report, find_runs, fusion, scheme_rows, write_report
+from train.report import build_report, draw_pareto, find_runs, fusion, scheme_rows, write_report
 
 HEADS = ["click", "finish", "watch_time", "like"]
 
@@ -142,7 +142,19 @@ def test_report_draws_the_fusion_front_beside_a_scheme(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     write_report(report, str(out))
     assert (out / "pareto.png").stat().st_size > 1000
-    assert "*fusion click=1 finish=0.5 watch_time=0.25*" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "*fusion click=1 finish=0.5 watch_time=0.25*" in md
+    # readable with a dozen fusion points: text only on each pair's front, numbers elsewhere
+    fig, plan = draw_pareto(report)
+    import matplotlib.pyplot as plt
+
+    for ax, panel in zip(fig.axes, plan.panels, strict=False):
+        gids = [t.get_gid() for t in ax.texts]
+        assert gids.count("label") == len(panel.labelled) < len(report.rows) - 1
+        assert gids.count("number") == len(panel.numbered)
+    plt.close(fig)
+    assert all(f"| {n} | {report.rows[i].label} |" in md for i, n in plan.numbers.items())
+    assert "## Verdict per pair" in md and "`fusion` " in md
 
 
 def _grid_01(runs, split):

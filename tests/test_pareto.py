@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.pareto import default_direction, dominates, front_path, pareto_mask
+from train.pareto import (
+    default_direction,
+    dominates,
+    front_path,
+    front_y_at,
+    gains_at_equal_x,
+    pareto_mask,
+)
 
 NAN = math.nan
 
@@ -86,6 +93,48 @@ def test_front_path_orders_by_x_and_drops_dominated_and_duplicate_points():
     assert front_path(xs, ys, ("max", "max")) == [0, 2, 1]
     # minimising y: the lowest-y point at each x; (0.50, 0.40) is now on the front
     assert front_path(xs, ys, ("max", "min")) == [3, 1]
+
+
+def test_front_y_at_interpolates_inside_and_refuses_outside():
+    front = [(0.75, 0.55), (0.60, 0.80), (0.70, 0.70)]  # any order: sorted by x first
+    assert front_y_at(front, 0.65) == pytest.approx(0.75)
+    assert front_y_at(front, 0.70) == pytest.approx(0.70)
+    assert front_y_at(front, 0.60) == pytest.approx(0.80)  # the ends are inside
+    assert front_y_at(front, 0.75) == pytest.approx(0.55)
+    assert front_y_at(front, 0.59) is None and front_y_at(front, 0.76) is None
+    assert front_y_at([(0.5, 0.4)], 0.5) == 0.4 and front_y_at([(0.5, 0.4)], 0.6) is None
+    assert front_y_at([], 0.5) is None
+
+
+def test_gains_at_equal_x_on_hand_made_points():
+    # a fusion run: three points on its front and one dominated, which must not count
+    fusion = {"mh": [(0.60, 0.80), (0.70, 0.70), (0.65, 0.60), (0.75, 0.55)]}
+    schemes = [
+        ("a", 0.70, 0.60),  # fusion wins: 0.70 on the front at x = 0.70
+        ("b", 0.65, 0.70),  # fusion wins, interpolated: 0.75 (not the dominated 0.60)
+        ("c", 0.72, 0.75),  # fusion loses: 0.70 + (0.55 - 0.70) * 0.4 = 0.64
+        ("d", 0.80, 0.50),  # outside the front's x-range [0.60, 0.75]: not comparable
+        ("e", 0.55, 0.90),  # outside on the other side
+        ("nan", NAN, 0.9),  # left out
+    ]
+    got = {g.point: g for g in gains_at_equal_x(schemes, fusion, ("max", "max"))}
+    assert set(got) == {"a", "b", "c", "d", "e"}
+    assert got["a"].gain == pytest.approx(0.10) and got["a"].front_y == pytest.approx(0.70)
+    assert got["b"].gain == pytest.approx(0.05) and got["b"].front_y == pytest.approx(0.75)
+    assert got["c"].gain == pytest.approx(-0.11) and got["c"].front_y == pytest.approx(0.64)
+    for name in ("d", "e"):
+        assert got[name].gain is None and got[name].front_y is None
+        assert got[name].span == (0.60, 0.75) and got[name].front == "mh"
+    # y minimised (e.g. logloss): a front that trades more x for more y; lower y is a gain
+    logloss = {"mh": [(0.60, 0.30), (0.70, 0.40), (0.80, 0.60), (0.70, 0.50)]}
+    got = gains_at_equal_x([("a", 0.65, 0.40), ("c", 0.75, 0.45)], logloss, ("max", "min"))
+    assert [g.front_y for g in got] == [pytest.approx(0.35), pytest.approx(0.50)]
+    assert [g.gain for g in got] == [pytest.approx(0.05), pytest.approx(-0.05)]
+    # two fronts: one comparison per scheme and front
+    fronts = {**fusion, "mmoe": [(0.5, 0.7), (0.9, 0.3)]}
+    got = gains_at_equal_x(schemes[:1], fronts, ("max", "max"))
+    assert [(g.front, round(g.gain, 6)) for g in got] == [("mh", 0.1), ("mmoe", -0.1)]
+    assert gains_at_equal_x(schemes, {"empty": [(NAN, 0.5)]}, ("max", "max")) == []
 
 
 def test_default_directions():

@@ -16,8 +16,12 @@ import yaml
 
 from tests.conftest import S3Server
 from tests.helpers import TINY, run_job
+from tests.test_fusion import outputs as fusion_outputs
 from train import report
-from train.report import Run, build_report, find_runs, label_runs, main
+from train.layout import PREDICTIONS_FILE
+from train.pareto import pareto_mask
+from train.report import Run, build_report, find_runs, fronts, fusion, label_runs, main
+from train.storage import write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 BEHAVIOURS = {"click": "click", "finish": "finish", "watch_time": "watch_s", "like": "like"}
@@ -328,6 +332,162 @@ def test_bad_folders_fail_clearly(tmp_path: Path, sweep: Path):
     (sweep / "1_seed" / "metrics.json").write_text('{"test/click/auc": "high"}')
     with pytest.raises(SystemExit, match=r"1_seed/metrics.json: key 'test/click/auc' holds 'high'"):
         main([str(sweep)])
+
+
+# --------------------------------------------------------------------------------------------
+# several multi-task runs: fusion fronts per run, the plot's labels and key, the verdict
+# --------------------------------------------------------------------------------------------
+
+
+def make_multitask_run(folder: Path, model: dict, seed: int) -> Path:
+    """A run folder as a multi-task job leaves it: its own metrics and a predictions.parquet
+    written by the real `HeadOutputs.table` (hand-made scores; see tests.test_fusion)."""
+    make_run(folder, weights("click_only"), metrics(0.7, 0.6, 0.6, 0.6))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "model": model}))
+    out, gathered = fusion_outputs(seed=seed)
+    write_parquet(str(folder / PREDICTIONS_FILE), out.table(gathered, {"click": 1.0}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def multitask(tmp_path_factory) -> tuple[Path, report.Report]:
+    """The three-scheme sweep plus two multi-task runs: a multihead one and one of another model
+    class whose config names no heads (only its predictions.parquet says it is multi-task)."""
+    root = tmp_path_factory.mktemp("multitask") / "sweep"
+    # Against the runs' click/finish fronts (click AUC 0.70-0.84): click_only lies past them
+    # (not comparable), seed above them, watch_time below.
+    make_run(root / "0_click_only", weights("click_only"), metrics(0.85, 0.70, 0.60, 0.55))
+    make_run(root / "1_seed", weights("seed", click=1, finish=3), metrics(0.80, 0.80, 0.62, 0.57))
+    make_run(
+        root / "2_watch_time",
+        weights("watch_time", normalize="mean", seconds=1),
+        metrics(0.75, 0.70, 0.70, 0.56),
+    )
+    heads = list(BEHAVIOURS)
+    make_multitask_run(root / "3_mh", {"_target_": "train.model.MultiHead", "heads": heads}, 0)
+    make_multitask_run(root / "4_experts", {"_target_": "train.model.MMoE"}, 1)
+    runs, _ = find_runs([str(root)])
+    return root, build_report(runs)
+
+
+def test_every_run_with_predictions_gets_its_own_fusion_series(multitask):
+    root, rep = multitask
+    runs, _ = find_runs([str(root)])
+    assert [r.has_predictions for r in runs] == [False, False, False, True, True]
+    # keyed on the file: the MMoE config names no heads, yet it is swept and not a scheme
+    assert not runs[4].is_multihead and runs[4].is_multitask
+    kinds = [r.kind for r in rep.rows]
+    assert kinds.count("scheme") == 3 and kinds.count("fusion") == 2 * 30
+    by_source = {}
+    for row in rep.rows:
+        by_source.setdefault(row.source, []).append(row)
+    mh, experts = by_source[str(root / "3_mh")], by_source[str(root / "4_experts")]
+    # several multi-task runs: every label and series starts with the run's model class
+    assert {r.series for r in mh} == {"multihead fusion"}
+    assert {r.series for r in experts} == {"mmoe fusion"}
+    assert mh[0].label == "multihead fusion click=1"
+    assert "mmoe fusion click=1 finish=0.5" in [r.label for r in experts]
+    assert len({r.label for r in rep.rows}) == len(rep.rows)
+    assert [s.name for s in fronts.series_of(rep)] == ["schemes", "multihead fusion", "mmoe fusion"]
+    # two runs of one class are told apart by their folders
+    names = fusion.run_names([runs[3], runs[4], Run(str(root / "5_mh"), {}, runs[3].config)])
+    assert list(names.values()) == ["3_mh", "mmoe", "5_mh"]
+
+
+def test_plot_labels_only_the_front_of_each_pair_and_numbers_the_rest(multitask):
+    _, rep = multitask
+    fig, plan = report.draw_pareto(rep)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_xlabel()]
+        assert len(panels) == len(plan.panels) == 6
+        numbered_anywhere = set()
+        for ax, panel in zip(panels, plan.panels, strict=True):
+            ca, cb = rep.chosen[panel.x], rep.chosen[panel.y]
+            rows = [i for i, r in enumerate(rep.rows) if r.kind != "oracle"]
+            points = [(rep.rows[i].values[ca], rep.rows[i].values[cb]) for i in rows]
+            on = [i for i, m in zip(rows, pareto_mask(points, ("max", "max")), strict=True) if m]
+            texts = {g: [t for t in ax.texts if t.get_gid() == g] for g in ("label", "number")}
+            # the rule: one text label per point on the pair's front, a number for the rest
+            assert sorted(t.get_text() for t in texts["label"]) == sorted(
+                rep.rows[i].label for i in on
+            )
+            assert len(texts["label"]) < 12 and len(texts["number"]) == len(rows) - len(on)
+            assert sorted(int(t.get_text()) for t in texts["number"]) == sorted(
+                plan.numbers[i] for i in rows if i not in on
+            )
+            numbered_anywhere |= set(rows) - set(on)
+            # each series is drawn in its own colour: schemes, and one per multi-task run
+            colours = {tuple(c.get_edgecolor()[0]) for c in ax.collections if len(c.get_offsets())}
+            assert len(colours) >= 3
+            # the labels were placed apart: no two overlap
+            renderer = fig.canvas.get_renderer()
+            boxes = [t.get_window_extent(renderer) for t in texts["label"]]
+            for n, box in enumerate(boxes):
+                assert not any(box.overlaps(other) for other in boxes[n + 1 :])
+        assert set(plan.numbers) == numbered_anywhere
+        assert sorted(plan.numbers.values()) == list(range(1, len(numbered_anywhere) + 1))
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend[:3] == ["schemes", "multihead fusion", "mmoe fusion"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    # the key in report.md lists every numbered point, and nothing else
+    md = report.to_markdown(rep)
+    key = md[md.index("## Plot key") :]
+    listed = [line.split(" | ") for line in key.splitlines() if line[:3].strip("| ").isdigit()]
+    assert {int(n.strip("| ")): label.strip(" |") for n, label in listed} == {
+        n: rep.rows[i].label for i, n in plan.numbers.items()
+    }
+
+
+def test_verdict_per_pair_names_the_front_and_the_gain_at_equal_x(multitask):
+    _, rep = multitask
+    found = fronts.verdicts(rep)
+    assert [(v.x, v.y) for v in found] == [
+        ("click/auc", "finish/auc"),
+        ("click/auc", "watch_time/xauc"),
+        ("click/auc", "like/auc"),
+    ]
+    md = report.to_markdown(rep)
+    section = md[md.index("## Verdict per pair") : md.index("## Runs")]
+    for v in found:
+        assert f"**`{v.x}` ↑ vs `{v.y}` ↑**" in section
+        front = [rep.rows[i].label for i in v.front]
+        assert front == [
+            rep.rows[i].label for i in fronts.pair_front(rep, 0, 1 + found.index(v))[0]
+        ]
+        # every scheme against both runs' fusion fronts, as the pure function computes it
+        assert len(v.comparisons) == 3 * 2
+        assert {(c.point, c.front) for c in v.comparisons} == {
+            (s, f)
+            for s in ("click_only", "seed", "watch_time")
+            for f in ("multihead fusion", "mmoe fusion")
+        }
+    first = found[0]  # click/auc vs finish/auc
+    win, loss = first.fusion_best, first.scheme_best
+    assert (win.point, win.front) == ("watch_time", "multihead fusion")
+    assert win.gain == max(c.gain for c in first.comparisons if c.gain is not None) > 0.05
+    assert f"- best fusion gain: `multihead fusion` beats `watch_time` by {win.gain:+.4f}" in md
+    assert (loss.point, loss.front) == ("seed", "mmoe fusion") and loss.gain < -0.01
+    assert f"- best scheme gain: `seed` beats `mmoe fusion` by {-loss.gain:+.4f}" in md
+    assert {(c.point, c.front) for c in first.not_comparable} == {
+        ("click_only", "multihead fusion"),
+        ("click_only", "mmoe fusion"),
+    }
+    assert "`click_only` vs `mmoe fusion` (0.8500 outside 0.70" in section
+
+
+def test_one_multitask_run_keeps_the_plain_fusion_labels(multitask):
+    root, _ = multitask
+    runs, _ = find_runs([str(root / "0_click_only"), str(root / "4_experts")])
+    rep = build_report(runs)
+    labels = [r.label for r in rep.rows if r.kind == "fusion"]
+    assert labels[0] == "fusion click=1" and all(lab.startswith("fusion ") for lab in labels)
+    # a run with predictions reports them on the test split; on another its metrics.json row
+    rows = fusion.fusion_rows(runs, "val")
+    assert [(r.label, r.series) for r in rows] == [("fusion as trained", "fusion")]
 
 
 # --------------------------------------------------------------------------------------------

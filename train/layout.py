@@ -50,6 +50,8 @@ class Run:
     """metrics.json: flat `"<split>/<behaviour>/<metric>"` keys; null read as NaN."""
     config: Mapping[str, Any]
     """config.yaml: the resolved (redacted) job config."""
+    has_predictions: bool = False
+    """The folder holds predictions.parquet (per-head test predictions of a multi-task model)."""
 
     @property
     def weights(self) -> Mapping[str, Any]:
@@ -65,6 +67,13 @@ class Run:
         model = self.config.get("model") or {}
         return isinstance(model, Mapping) and bool(model.get("heads"))
 
+    @property
+    def is_multitask(self) -> bool:
+        """A run that scores every behaviour with a head of its own, whatever the model class
+        (multihead, MMoE, PLE, ...): it saved predictions.parquet, or, when it has none, its
+        model config names heads. The report sweeps fusion over such runs."""
+        return self.has_predictions or self.is_multihead
+
 
 @dataclass(frozen=True)
 class Row:
@@ -77,3 +86,6 @@ class Row:
     """`"<behaviour>/<metric>"` -> value on the report's split."""
     source: str = ""
     """The run folder the row comes from (empty for the oracle)."""
+    series: str = ""
+    """The set of points the plot joins into one front and names in its legend (one per
+    multi-task run: `mmoe fusion`); empty: all rows of the kind form one series."""

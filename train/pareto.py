@@ -8,12 +8,18 @@ caller. Conventions, chosen so a report never hides or invents a winner:
 * tied or duplicate points do not dominate each other: all copies stay on the front;
 * a point with a NaN in any chosen metric is not comparable: it is never on the front and
   dominates nothing (a metric that is undefined, e.g. one class only, cannot be ranked).
+
+`gains_at_equal_x` compares single points with a front at the same x (the report's verdict:
+a weighting scheme against a multi-task run's fusion front): piecewise-linear between front
+points, never extrapolated past the front's ends.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 Direction = Literal["max", "min"]
@@ -109,3 +115,64 @@ def front_path(xs: Sequence[float], ys: Sequence[float], directions: tuple[str, 
             seen.add(points[i])
             path.append(i)
     return path
+
+
+def front_y_at(front: Sequence[tuple[float, float]], x: float) -> float | None:
+    """y of the piecewise-linear curve through `front` (points sorted by x) at `x`, or None when
+    `x` lies outside the points' x-range: past its ends a front says nothing, so no
+    extrapolation."""
+    points = sorted(front)
+    if not points or not points[0][0] <= x <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1]  # a single point, hit exactly
+
+
+@dataclass(frozen=True)
+class EqualX:
+    """One point (a weighting scheme) against one front (a multi-task run's fusion points) at
+    the point's x."""
+
+    point: str
+    front: str
+    x: float
+    y: float
+    front_y: float | None
+    """The front interpolated at `x`; None: `x` is outside the front's x-range."""
+    span: tuple[float, float]
+    """The front's x-range."""
+    gain: float | None
+    """`front_y - y`, turned by y's direction so that positive means the front is better; None
+    when not comparable."""
+
+
+def gains_at_equal_x(
+    points: Sequence[tuple[str, float, float]],
+    fronts: Mapping[str, Sequence[tuple[float, float]]],
+    directions: tuple[str, str],
+) -> list[EqualX]:
+    """For every named point (x, y) and every named set of points: the set's two-metric Pareto
+    front (`front_path`), interpolated piecewise-linearly at the point's x, against the point's
+    y. "At equal x" is this interpolation: dominated points of a set never count, and a point
+    whose x lies outside a front's x-range is not comparable with it (gain None). Points or
+    set members with a NaN are left out."""
+    _check([], directions)
+    out = []
+    for name, x, y in points:
+        if math.isnan(x) or math.isnan(y):
+            continue
+        for front_name, members in fronts.items():
+            usable = [(a, b) for a, b in members if comparable((a, b))]
+            if not usable:
+                continue
+            xs, ys = [a for a, _ in usable], [b for _, b in usable]
+            front = [(xs[i], ys[i]) for i in front_path(xs, ys, directions)]
+            at = front_y_at(front, x)
+            gain = None
+            if at is not None:
+                gain = at - y if directions[1] == "max" else y - at
+            span = (front[0][0], front[-1][0])
+            out.append(EqualX(name, front_name, x, y, at, span, gain))
+    return out

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument(
         "--fusion-grid",
         default=",".join(f"{a:g}" for a in GRID),
-        help="α values of each non-label head swept over a multihead run's test predictions "
+        help="α values of each non-label head swept over each multi-task run's test predictions "
         "(the label head keeps α=1; default: %(default)s)",
     )
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """The no-retrain fusion baseline in the report: the α sweep over the test predictions a
-`model=multihead` run saves, and the report rows it gives (kind `fusion`).
+multi-task run (`model=multihead`, or any model whose heads write the same file) saves, and the
+report rows it gives (kind `fusion`, one series per run).
 
 A multi-head model scores every behaviour on its own (p_b); the ranking score fuses the heads,
 
@@ -78,7 +79,7 @@ def read_predictions(url: str) -> Predictions:
     raw = (table.schema.metadata or {}).get(ARTIFACT_KEY.encode())
     if raw is None:
         raise FusionError(
-            f"{url}: no {ARTIFACT_KEY} metadata; expected a file a multihead run wrote"
+            f"{url}: no {ARTIFACT_KEY} metadata; expected a file a multi-task run wrote"
         )
     meta = json.loads(raw)
     if meta.get("format") != PREDICTIONS_FORMAT:
@@ -157,31 +158,62 @@ def describe(alpha: Mapping[str, float], heads: Sequence[str]) -> str:
     return " ".join(f"{h}={alpha[h]:g}" for h in heads if alpha.get(h, 0) != 0)
 
 
+def run_names(runs: Sequence[Run]) -> dict[str, str]:
+    """A short name per run (by folder URL) that tells multi-task runs apart in labels and in the
+    plot's legend: the model class (`train.model.MMoE` -> `mmoe`) where no other run shares it,
+    else the run folder's name, numbered if even that repeats."""
+
+    def model_class(run: Run) -> str:
+        model = run.config.get("model") or {}
+        target = model.get("_target_") if isinstance(model, Mapping) else None
+        return str(target).rsplit(".", 1)[-1].lower() if target else ""
+
+    def folder(run: Run) -> str:
+        return run.url.rstrip("/").rsplit("/", 1)[-1]
+
+    classes = [model_class(r) for r in runs]
+    names = [
+        c if c and classes.count(c) == 1 else folder(r) for r, c in zip(runs, classes, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    out = {}
+    for run, name in zip(runs, names, strict=True):
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name} #{seen[name]}"
+        out[run.url] = name
+    return out
+
+
 def fusion_rows(runs: Sequence[Run], split: str, grid: Sequence[float] = GRID) -> list[Row]:
-    """Rows of kind `fusion`: for every multi-head run with saved test predictions, one row per α
-    of `alpha_grid` (split `test` only: predictions are of the test split); a multi-head run
-    without them (or another split) gives one row, its configured fusion, from metrics.json."""
-    mine = [r for r in runs if r.is_multihead]
+    """Rows of kind `fusion`: for every multi-task run (any model that saved predictions.parquet,
+    or one whose config names heads), one row per α of `alpha_grid` (split `test` only:
+    predictions are of the test split); a run without them (or another split) gives one row, its
+    configured fusion, from metrics.json. With several such runs each row's label and series
+    start with the run's name (`mmoe fusion click=1`), so their fronts stay apart."""
+    mine = [r for r in runs if r.is_multitask]
+    names = run_names(mine)
     rows: list[Row] = []
     for run in mine:
-        prefix = "fusion" if len(mine) == 1 else f"fusion ({run.url.rstrip('/').rsplit('/')[-1]})"
+        series = "fusion" if len(mine) == 1 else f"{names[run.url]} fusion"
         url = join(run.url, PREDICTIONS_FILE)
         fs, path = url_to_fs(url)
-        if split == "test" and fs.exists(path):
+        if split == "test" and (run.has_predictions or fs.exists(path)):
             pred = read_predictions(url)
             for alpha in alpha_grid(pred.heads, pred.label, grid, [pred.fusion]):
-                label = f"{prefix} {describe(alpha, pred.heads)}"
-                rows.append(Row(label, "fusion", fusion_metrics(pred, alpha), run.url))
+                label = f"{series} {describe(alpha, pred.heads)}"
+                rows.append(Row(label, "fusion", fusion_metrics(pred, alpha), run.url, series))
             continue
         model = run.config.get("model") or {}
         heads = [str(h) for h in model.get("heads") or []]
-        configured = model.get("fusion") or {heads[0]: 1.0}
+        configured = model.get("fusion") or ({heads[0]: 1.0} if heads else {})
         values = {
             k: v
             for k, v in split_values(run.metrics, split, False).items()
             if not k.rsplit("/", 1)[1].startswith("head_")
         }
-        rows.append(Row(f"{prefix} {describe(configured, heads)}", "fusion", values, run.url))
+        label = f"{series} {describe(configured, heads or list(configured)) or 'as trained'}"
+        rows.append(Row(label, "fusion", values, run.url, series))
     return rows
 
 

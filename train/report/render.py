@@ -3,7 +3,9 @@
 error never leaves a half-written report.
 
     report.md   the table (best of each column in bold, Pareto-optimal rows ✓), the change of
-                each chosen metric against the baseline, notes, the run folders, the plot
+                each chosen metric against the baseline, the verdict of each metric pair
+                (`fronts.verdicts`), notes, the run folders, the plot and its key (the number
+                of each point that is not labelled in a panel)
     report.csv  the same table: `pareto` (1/0, empty for the oracle) and `best_in` (the
                 columns where the row is best) as columns
 """
@@ -16,6 +18,7 @@ import math
 from collections.abc import Sequence
 
 from train.layout import join
+from train.report.fronts import layout, verdicts
 from train.report.plot import plot_pareto
 from train.report.table import ARROW, Report
 from train.storage import write_bytes, write_text
@@ -82,6 +85,7 @@ def to_markdown(report: Report, image: str | None = "pareto.png") -> str:
         ]
         lines += _md_table(header, delta_body) if delta_body else ["(no other row)"]
 
+    lines += _verdict_lines(report)
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     lines += ["", "## Runs", ""]
@@ -91,7 +95,68 @@ def to_markdown(report: Report, image: str | None = "pareto.png") -> str:
     )
     if image:
         lines += ["", f"![Pareto fronts]({image})"]
+    numbers = layout(report).numbers
+    if numbers:
+        lines += [
+            "",
+            "## Plot key",
+            "",
+            "In each panel of the plot only the points on that pair's front carry their label; "
+            "every other point carries its number:",
+            "",
+        ]
+        lines += _md_table(
+            ["#", "row"], [[str(n), report.rows[i].label] for i, n in numbers.items()]
+        )
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(report: Report) -> list[str]:
+    """Per pair (x = the first chosen metric): the front, and fusion against the schemes at
+    equal x."""
+    found = verdicts(report)
+    if not found:
+        return []
+    arrow = dict(zip(report.chosen, report.directions, strict=True))
+    x = found[0].x
+    lines = [
+        "",
+        "## Verdict per pair",
+        "",
+        f"`{x}` (x) with each other chosen metric (y): the rows on that pair's Pareto front.",
+    ]
+    if any(v.comparisons for v in found):
+        lines[-1] += (
+            f' "At equal `{x}`": each multi-task run\'s fusion front (its Pareto front of the '
+            "pair) interpolated piecewise-linearly at a scheme's x; outside the front's x-range "
+            "the two are not comparable."
+        )
+    for v in found:
+        front = ", ".join(f"`{report.rows[i].label}`" for i in v.front) or "none"
+        lines += ["", f"**`{v.x}` {ARROW[arrow[v.x]]} vs `{v.y}` {ARROW[arrow[v.y]]}**", ""]
+        lines.append(f"- on the front: {front}")
+        if not v.comparisons:
+            continue
+        win, loss = v.fusion_best, v.scheme_best
+        if win is not None:
+            lines.append(
+                f"- best fusion gain: `{win.front}` beats `{win.point}` by {win.gain:+.4f} "
+                f"`{v.y}` at `{v.x}` = {win.x:.4f} ({win.front_y:.4f} vs {win.y:.4f})"
+            )
+        if loss is not None:
+            lines.append(
+                f"- best scheme gain: `{loss.point}` beats `{loss.front}` by {-loss.gain:+.4f} "
+                f"`{v.y}` at `{v.x}` = {loss.x:.4f} ({loss.y:.4f} vs {loss.front_y:.4f})"
+            )
+        if win is None and loss is None and len(v.not_comparable) < len(v.comparisons):
+            lines.append(f"- fusion and schemes tie at equal `{v.x}`")
+        if v.not_comparable:
+            shown = "; ".join(
+                f"`{c.point}` vs `{c.front}` ({c.x:.4f} outside {c.span[0]:.4f}–{c.span[1]:.4f})"
+                for c in v.not_comparable
+            )
+            lines.append(f"- not comparable (`{v.x}` outside the fusion front): {shown}")
+    return lines
 
 
 def to_csv(report: Report) -> str:

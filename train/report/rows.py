@@ -21,9 +21,9 @@ RowSource = Callable[[Sequence[Run], str], list[Row]]
 
 
 def is_scheme_run(run: Run) -> bool:
-    """Whether `scheme_rows` reports this run: one with a weights config, except multi-head runs
-    (trained unweighted), which `fusion.fusion_rows` reports."""
-    return bool(run.weights) and not run.is_multihead
+    """Whether `scheme_rows` reports this run: one with a weights config, except multi-task runs
+    (saved per-head predictions, or a model with heads), which `fusion.fusion_rows` reports."""
+    return bool(run.weights) and not run.is_multitask
 
 
 def scheme_rows(runs: Sequence[Run], split: str) -> list[Row]:

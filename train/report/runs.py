@@ -1,5 +1,5 @@
 """Finding the runs of a sweep and reading what each wrote: the report's only contact with the
-run folders (besides the fusion sweep's predictions.parquet).
+run folders (besides the fusion sweep's predictions.parquet, whose presence it notes).
 
 A run is a folder holding both `metrics.json` and `config.yaml` (see `train.layout`); a folder
 with only one of them is an unfinished or failed run, skipped with a note. Every file is parsed
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from fsspec.core import url_to_fs
 
-from train.layout import CONFIG_FILE, METRICS_FILE, Run
+from train.layout import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Run
 
 
 class ReportError(ValueError):
@@ -40,17 +40,18 @@ def find_runs(
         names: dict[str, set[str]] = defaultdict(set)
         for file in fs.find(path):
             folder, _, base = file.rpartition("/")
-            if base in (METRICS_FILE, CONFIG_FILE):
+            if base in (METRICS_FILE, CONFIG_FILE, PREDICTIONS_FILE):
                 names[folder].add(base)
         remote = "://" in root
 
         def url(p: str, fs: Any = fs, remote: bool = remote) -> str:
             return fs.unstrip_protocol(p) if remote else p
 
-        complete = sorted(d for d, n in names.items() if len(n) == 2)
-        partial = sorted(d for d, n in names.items() if len(n) == 1)
+        required = {METRICS_FILE, CONFIG_FILE}
+        complete = sorted(d for d, n in names.items() if required <= n)
+        partial = sorted(d for d, n in names.items() if n & required and not required <= n)
         for folder in partial:
-            missing = ({METRICS_FILE, CONFIG_FILE} - names[folder]).pop()
+            missing = (required - names[folder]).pop()
             notes.append(f"skipped {url(folder)}: no {missing} (unfinished or failed run?)")
         wanted = [f"{d}/{f}" for d in complete for f in (METRICS_FILE, CONFIG_FILE)]
         blobs = fs.cat(wanted) if wanted else {}
@@ -60,7 +61,9 @@ def find_runs(
                 continue
             metrics = _parse_metrics(blobs[f"{folder}/{METRICS_FILE}"], f"{where}/{METRICS_FILE}")
             config = _parse_config(blobs[f"{folder}/{CONFIG_FILE}"], f"{where}/{CONFIG_FILE}")
-            runs[where] = Run(where, metrics, config)
+            # Keyed on the file, not the model class: any multi-task model that saves
+            # predictions.parquet gets the fusion sweep.
+            runs[where] = Run(where, metrics, config, PREDICTIONS_FILE in names[folder])
     if not runs:
         raise ReportError(
             f"no run found below {', '.join(roots)}: a run is a folder holding both "

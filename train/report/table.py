@@ -22,7 +22,7 @@ from train.report.runs import ReportError
 BASELINE = "click_only"
 ARROW: dict[Direction, str] = {"max": "↑", "min": "↓"}
 """How a direction reads beside a metric's name, in the table and on the plot's axes."""
-# fusion_rows: the α sweep over the saved test predictions of `model=multihead` runs.
+# fusion_rows: the α sweep over the saved test predictions of multi-task runs.
 ROW_SOURCES: tuple[RowSource, ...] = (scheme_rows, fusion_rows)
 
 
