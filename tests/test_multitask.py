@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import TINY, log_rows, run_job, train_in_process
+from tests.helpers import SPEC, TINY, log_rows, run_job, train_in_process, write_checkpoint
+from train import export
 from train.balance import Fixed, GradNorm, Uncertainty, balance_for
+from train.checkpoint import load
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.errors import ConfigError
@@ -295,30 +297,43 @@ def test_bad_multitask_inputs_end_with_an_error_naming_the_key(overrides, messag
     assert not (tmp_path / "run").exists()
 
 
+COMMON = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "data.simulator.n_test=2001",  # odd: under DDP the ranks hold different row counts
+    "model=mmoe",
+    "model.hidden=[16]",
+    "model.head_hidden=[8]",
+    "model.fusion={click: 1, finish: 0.5}",
+    "model.condition={finish: click}",
+    "model.head_weights={click: seed, like: engagement}",
+    "model.balance=gradnorm",
+]
+"""An mmoe run with every multi-task option: conditions, per-head weights, GradNorm."""
+
+
 @pytest.fixture(scope="module")
 def mmoe_run(tmp_path_factory) -> Path:
+    """One process at batch 2048 (the DDP test's reference: 2 processes at 1024)."""
     folder = tmp_path_factory.mktemp("mmoe") / "run"
-    train_in_process(
-        *TINY,
-        "trainer.max_epochs=1",
-        "trainer.log_every_n_steps=5",
-        "model=mmoe",
-        "model.hidden=[16]",
-        "model.head_hidden=[8]",
-        "model.fusion={click: 1, finish: 0.5}",
-        "model.condition={finish: click}",
-        "model.head_weights={click: seed}",
-        "model.balance=uncertainty",
-        output_dir=folder,
-    )
+    train_in_process(*COMMON, "data.batch_size=2048", output_dir=folder)
     return folder
+
+
+HEAD_LOGS = [f"train/{h}/{k}" for h in HEADS for k in ("loss", "head_weight")]
+
+
+def steps(run: Path) -> list[float]:
+    """Every logged step's per-head loss and balance weight, flattened."""
+    return [r[k] for r in log_rows(run) if "train/loss" in r for k in HEAD_LOGS]
 
 
 @pytest.mark.e2e
 def test_sweep_over_mmoe_predictions_reproduces_each_heads_metrics(mmoe_run):
     metrics = json.loads((mmoe_run / "metrics.json").read_text())
     pred = fusion.read_predictions(str(mmoe_run / PREDICTIONS_FILE))
-    assert pred.heads == HEADS
+    assert pred.heads == HEADS and pred.probs.shape == (2001, 4)
     configured = fusion.fusion_metrics(pred, pred.fusion)
     assert configured == {k: metrics[f"test/{k}"] for k in configured}
     for head in HEADS:
@@ -331,56 +346,58 @@ def test_sweep_over_mmoe_predictions_reproduces_each_heads_metrics(mmoe_run):
 @pytest.mark.e2e
 def test_mmoe_run_logs_each_heads_loss_and_balance_weight(mmoe_run):
     rows = [r for r in log_rows(mmoe_run) if "train/loss" in r]
-    assert rows
-    for head in HEADS:
-        assert all(f"train/{head}/head_weight" in r and f"train/{head}/loss" in r for r in rows)
-    # uncertainty weights move from 1 as they learn
-    assert any(r["train/finish/head_weight"] != 1.0 for r in rows[1:])
-    total = sum(rows[-1][f"train/{h}/loss"] for h in HEADS)
-    assert rows[-1]["train/loss"] == pytest.approx(total, rel=1e-5)
+    assert len(rows) == 10  # every step of the epoch (20000 rows / 2048)
+    for row in rows:
+        assert set(HEAD_LOGS) <= row.keys()
+        # GradNorm keeps Σ w_h = heads
+        assert sum(row[f"train/{h}/head_weight"] for h in HEADS) == pytest.approx(4, rel=1e-5)
+        total = sum(row[f"train/{h}/loss"] for h in HEADS)
+        assert row["train/loss"] == pytest.approx(total, rel=1e-5)
+    assert rows[-1]["train/finish/head_weight"] != 1.0  # the weights learn
 
 
 @pytest.mark.ddp
-def test_two_processes_match_one_with_head_weights_conditions_and_gradnorm(tmp_path):
+def test_two_processes_match_one_with_head_weights_conditions_and_gradnorm(mmoe_run, tmp_path):
     """Per-head weights are global weighted means per head, and GradNorm's norms are summed
     over ranks: 2 processes at batch B train exactly like 1 process at batch 2B, and save every
-    test row's predictions once."""
-    common = [
-        *TINY,
-        "trainer.max_epochs=1",
-        "trainer.log_every_n_steps=1",
-        "data.simulator.n_test=2001",  # odd: the ranks hold different row counts
-        "model=mmoe",
-        "model.hidden=[16]",
-        "model.head_hidden=[8]",
-        "model.condition={finish: click}",
-        "model.head_weights={click: seed, like: engagement}",
-        "model.balance=gradnorm",
-    ]
-    train_in_process(*common, "data.batch_size=2048", output_dir=tmp_path / "one")
+    test row's predictions once, in the order the metrics saw them."""
     run_job(
-        *common,
+        *COMMON,
         "data.batch_size=1024",
         "hardware.devices=2",
         f"paths.output_dir={tmp_path}/two",
         cwd=tmp_path,
         check=True,
     )
-    one, two = log_rows(tmp_path / "one"), log_rows(tmp_path / "two")
-    keys = [f"train/{h}/{k}" for h in HEADS for k in ("loss", "head_weight")]
-    steps_one = [r[k] for r in one if "train/loss" in r for k in keys]
-    steps_two = [r[k] for r in two if "train/loss" in r for k in keys]
-    assert len(steps_one) == len(steps_two) == 10 * len(keys)
-    assert steps_one == pytest.approx(steps_two, rel=1e-4, abs=1e-6)
-    # the weights moved: GradNorm is doing something the ranks agree on
-    assert steps_one[-len(keys) :] != steps_one[: len(keys)]
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    one, two = steps(mmoe_run), steps(tmp_path / "two")
+    assert len(one) == len(two) == 10 * len(HEAD_LOGS)
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-6)
+    m1 = json.loads((mmoe_run / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1.keys() == m2.keys()
     for key in m1:
         assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
-    # The predictions are gathered like the metrics: every test row once, in the order the
-    # metrics saw them, so the sweep still reproduces the run's own numbers exactly.
+    # so the sweep still reproduces the run's own numbers exactly
     pred = fusion.read_predictions(str(tmp_path / "two" / PREDICTIONS_FILE))
     assert pred.probs.shape == (2001, 4)
     swept = fusion.fusion_metrics(pred, pred.fusion)
     assert swept == {k: m2[f"test/{k}"] for k in swept}
+
+
+@pytest.mark.parametrize("target", ["train.multitask.MMoE", "train.multitask.PLE"])
+def test_expert_networks_with_conditions_export_for_any_batch_size(target, tmp_path):
+    """torch.export with a dynamic batch (nothing specialises on the row count), and the
+    reloaded program scores like the checkpoint (`export.build` checks it on 257 rows)."""
+    spec = {**SPEC, "behaviours": {"click": "click", "finish": "finish"}}
+    ckpt = write_checkpoint(
+        tmp_path / "two.ckpt",
+        target,
+        spec=spec,
+        heads=["click", "finish"],
+        fusion={"click": 1, "finish": 1},
+        condition={"finish": "click"},
+        hidden=[8],
+        head_hidden=[4],
+    )
+    artifact = export.build(load(str(ckpt)))
+    assert artifact.max_difference <= export.ATOL

@@ -40,10 +40,11 @@ def train(cfg: DictConfig) -> float:
         config_checks.check(container(cfg))
         L.seed_everything(cfg.seed, workers=True)
         scheme = instantiate(cfg.weights)
+        model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
+        head_schemes = weights.head_schemes(model_config.get("head_weights"))
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)
         spec = data.spec  # with the vocabularies of the training split
-        model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
         network = instantiate(network_config(model_config))
         module = RankingModule(
             network(spec.cardinalities, len(spec.dense), **spec.network_options),
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> float:
             evaluation=Evaluation(cfg.xauc_pairs, cfg.seed, join(run_dir, PREDICTIONS_FILE)),
             nonfinite=cfg.nonfinite,
             model_config=model_config,
-            head_schemes=weights.head_schemes(model_config.get("head_weights")),
+            head_schemes=head_schemes,
             balance=model_config.get("balance"),
         )
         if cfg.init_from:  # weights only, checked against this run's model

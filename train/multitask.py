@@ -50,7 +50,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.activation(self.first(x)))  # [rows, count * size]
-        h = h.view(len(x), self.count, -1).transpose(0, 1)  # [count, rows, size]
+        h = h.unflatten(1, (self.count, -1)).transpose(0, 1)  # [count, rows, size]
         for weight, bias in zip(self.weights, self.biases, strict=True):
             h = self.dropout(self.activation(torch.baddbmm(bias, h, weight)))
         return h.transpose(0, 1)
@@ -123,7 +123,7 @@ class MMoE(MultiTaskNetwork):
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Every head's weights over the experts [rows, heads, experts] (each row sums to 1)."""
-        return torch.softmax(self.gates(x).view(len(x), len(self.heads), -1), dim=-1)
+        return torch.softmax(self.gates(x).unflatten(1, (len(self.heads), -1)), dim=-1)
 
     def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
         mixed = torch.bmm(self.gate_weights(shared), self.experts(shared))  # [rows, heads, width]
