@@ -6,7 +6,8 @@ the loss is Σ over outputs of Σᵢ wᵢℓᵢ / Wₒ with Wₒ the global weig
 DDP ranks), so `RankingModule` runs one code path for every objective:
 
 - `WeightedBCE`: sample loss weighting, one output, the weight scheme's weights;
-- `train.heads.PerHeadBCE`: one output per behaviour, each on its own loss (`model=multihead`).
+- `train.heads.PerHeadBCE`: one output per behaviour, each on its own loss (or its own weight
+  scheme's): `model=multihead`, `mmoe`, `ple`.
 """
 
 from __future__ import annotations
