@@ -5,7 +5,7 @@ that would make a GPU wait for the host (`.item()`, `.tolist()`, `if tensor:`, d
 output sizes such as `nonzero` or sparse `coalesce`) from the 4th step on, leaving out only the
 steps whose values Lightning's logger reads (every `trainer.log_every_n_steps`, where the
 non-finite guard reads its flags too). Both objectives (one weighted logit, one head per
-behaviour) and both non-finite modes, with the progress bar on and a cosine schedule.
+behaviour, with GradNorm balancing) and both non-finite modes, with the progress bar on and a cosine schedule.
 
 On a GPU the same claim is checked by `torch.cuda.set_sync_debug_mode("error")` (bench/gpu.py
 `--sync-check`); on the CPU nothing stalls, so the ops themselves are looked for.
@@ -25,12 +25,19 @@ from train.optim import SparseDenseAdam
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("model", "nonfinite"),
-    [("dnn", "stop"), ("dnn", "skip"), ("multihead", "stop"), ("multihead", "skip")],
+    [("dnn", "stop"), ("dnn", "skip"), ("multihead", "stop"), ("mmoe", "skip")],
 )
 def test_training_steps_never_read_back_to_the_host(tmp_path, model, nonfinite):
+    # mmoe with every multi-task option: GradNorm's norms and weights stay on the device too.
+    multitask = [
+        "model.condition={finish: click}",
+        "model.head_weights={click: seed}",
+        "model.balance=gradnorm",
+    ]
     train_in_process(
         *TINY,
         f"model={model}",
+        *(multitask if model == "mmoe" else []),
         f"nonfinite={nonfinite}",
         "weights=seed",
         "scheduler=cosine",
