@@ -123,7 +123,9 @@ def layout(report: Report) -> Layout:
     for a, b in combinations(range(len(report.chosen)), 2):
         on, off = pair_front(report, a, b)
         panels.append(Panel(a, b, tuple(on), tuple(off)))
-    numbered = sorted({i for p in panels for i in p.numbered})
+    # Every drawn row has a number: a front point whose label cannot be placed clear of the
+    # others shows its number instead (`train.report.plot`), so the key covers it too.
+    numbered = sorted({i for p in panels for i in (*p.labelled, *p.numbered)})
     numbers = {i: n for n, i in enumerate(numbered, start=1)}
     return Layout(tuple(series_of(report)), tuple(panels), numbers)
 

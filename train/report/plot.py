@@ -3,8 +3,9 @@ schemes; each multi-task run's fusion points) in its own colour and marker and i
 pair joined, the rows Pareto-optimal over all chosen metrics filled, the oracle as a star.
 
 Readable with dozens of fusion points (the rule is `train.report.fronts`): only the points on
-the pair's front carry their label, placed where it overlaps no other label when one of a few
-spots allows; every other point carries its number from the key in report.md.
+the pair's front carry their label, placed where it overlaps no other text when one of a few
+spots allows (else the point shows its number: labels never overlap); every other point carries
+its number from the key in report.md.
 
 matplotlib is imported only when a plot is drawn (it is the optional `upweight[report]` extra),
 so reading runs and building a report work without it.
@@ -166,13 +167,18 @@ def draw_pareto(report: Report) -> tuple[Any, Layout]:
     # Labels go in last, once the axes have their final place: overlap is judged in pixels.
     renderer = fig.canvas.get_renderer()
     for ax, points in placements:
-        _place_labels(ax, renderer, [(report.rows[i].label, x, y) for i, x, y in points])
+        _place_labels(
+            ax,
+            renderer,
+            [(report.rows[i].label, str(plan.numbers[i]), x, y) for i, x, y in points],
+        )
     return fig, plan
 
 
-def _place_labels(ax: Any, renderer: Any, points: list[tuple[str, float, float]]) -> None:
-    """One text per point, each at the first spot of SPOTS that overlaps no label or number
-    already there and stays inside the panel; failing that, at the spot that overlaps least."""
+def _place_labels(ax: Any, renderer: Any, points: list[tuple[str, str, float, float]]) -> None:
+    """One text per point (label, number, x, y), each at the first spot of SPOTS that overlaps
+    no text already there and stays inside the panel; where none does (a crowded front), the
+    point shows its number instead, so no two labels ever overlap."""
     taken = [t.get_window_extent(renderer) for t in ax.texts]
     inside = ax.get_window_extent(renderer)
 
@@ -187,21 +193,24 @@ def _place_labels(ax: Any, renderer: Any, points: list[tuple[str, float, float]]
         ) * max(0.0, min(box.y1, inside.y1) - max(box.y0, inside.y0))
         return area + 0.5 * outside
 
-    for text, x, y in points:
+    for text, number, x, y in points:
         note = ax.annotate(
             text, (x, y), xytext=SPOTS[0][:2], textcoords="offset points", fontsize=7, gid="label"
         )
-        best: tuple[float, int] | None = None
-        for n, (dx, dy, ha) in enumerate(SPOTS):
+        for dx, dy, ha in SPOTS:
             note.xyann = (dx, dy)
             note.set_horizontalalignment(ha)
-            cost = overlap(note.get_window_extent(renderer))
-            if best is None or cost < best[0]:
-                best = (cost, n)
-            if cost == 0:
+            if overlap(note.get_window_extent(renderer)) == 0:
                 break
-        assert best is not None
-        dx, dy, ha = SPOTS[best[1]]
-        note.xyann = (dx, dy)
-        note.set_horizontalalignment(ha)
+        else:
+            note.remove()
+            note = ax.annotate(
+                number,
+                (x, y),
+                xytext=(2, 2),
+                textcoords="offset points",
+                fontsize=6,
+                color="dimgrey",
+                gid="number",
+            )
         taken.append(note.get_window_extent(renderer))

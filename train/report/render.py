@@ -101,8 +101,8 @@ def to_markdown(report: Report, image: str | None = "pareto.png") -> str:
             "",
             "## Plot key",
             "",
-            "In each panel of the plot only the points on that pair's front carry their label; "
-            "every other point carries its number:",
+            "In each panel of the plot only the points on that pair's front carry their label "
+            "(where it fits clear of the others); every other point carries its number:",
             "",
         ]
         lines += _md_table(
