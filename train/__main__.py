@@ -54,8 +54,8 @@ def train(cfg: DictConfig) -> float:
             nonfinite=cfg.nonfinite,
             model_config=container(cfg.model),
         )
-        if cfg.init_from:  # weights only, checked against this run's model
-            print(warmstart.init_from(module, cfg.init_from, spec, container(cfg.model)))
+        if cfg.init_from:  # weights only, checked against this run's model; a run folder's best
+            print(warmstart.start(cfg, module, data, spec))  # and init_schedule
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer: L.Trainer = instantiate(
             cfg.trainer,
