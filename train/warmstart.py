@@ -1,14 +1,20 @@
-"""Warm start: `init_from=CKPT_URL` starts a new run from an earlier model's weights.
+"""Warm start: `init_from=CKPT_URL` or `init_from=RUN_FOLDER` starts a new run from an earlier
+model's weights.
 
 Re-weighting is the loop users run most (try another scheme, compare), and from scratch every
 scheme pays for a full training to convergence. A model trained under one scheme has learned ids
 and a trunk that the next scheme can start from, for a shorter budget. Which model of the earlier
-run matters: every run keeps `checkpoints/first_epoch.ckpt` (`FirstEpochCheckpoint`) for this.
-On the simulator a warm start from it, for a third of a from-scratch run's steps, gets within
-0.005 AUC of that run on every behaviour; one from the converged `best.ckpt` does not, and starts
-worse than a random init: after several passes over the same rows its id embeddings have
-memorised them (`bench/warmstart.py`, with a random-init control; the README's "Warm-started
-re-weighting").
+run transfers best depends on the data: on one simulated feed the model after the first epoch
+did, on others (more rows per id) the converged one did; no fixed rule held (bench/warmstart.py,
+README "Warm-started re-weighting"). So `init_from=RUN_FOLDER` decides per run: each checkpoint
+the folder kept (`WARM_START_CANDIDATES`: first_epoch, best, last) starts a copy of this run's
+module, which trains `init_probe_steps` steps on this run's data and scheme and is scored on the
+validation split by `monitor`; the run continues from the best (`start`, `probe`, `pick`).
+
+A warm start gets its own schedule by default (`init_schedule`: LR, a short warm-up, a cosine
+decay over the budget, the final weights kept), so that the user sets only `trainer.max_steps`;
+a fresh Adam's first steps are as large as the LR whatever the gradient, and knock a trained
+model off without the warm-up.
 
 Only the model is taken over: the network's weights and the dense standardisation it was
 trained with (part of the function the weights compute). The optimizer, the LR schedule, the
@@ -26,8 +32,8 @@ miscalibration. Schemes with the same label only; none for multi-head models (un
 
 Re-weighting changes what the monitored metric rewards (a scheme that trades clicks for
 finishes lowers val/click/auc from the first step), so early stopping on it would stop a warm
-start at once: train a fixed budget and keep the final weights
-(`callbacks.early_stopping=null callbacks.checkpoint.monitor=null`), as bench/warmstart.py does.
+start at once: `init_schedule` trains a fixed budget and keeps the final weights
+(`callbacks.early_stopping=null callbacks.checkpoint.monitor=null`).
 
 The checkpoint must describe the same network as this run: the same categorical features in
 the same order with the same bucket counts, the same dense features, the same model class and
