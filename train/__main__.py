@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> float:
             model_config=container(cfg.model),
         )
         if cfg.init_from:  # weights only, checked against this run's model; a run folder's best
-            print(warmstart.start(cfg, module, data, spec))  # and init_schedule
+            warmstart.start(cfg, module, data, spec)  # and init_schedule; prints on rank 0
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer: L.Trainer = instantiate(
             cfg.trainer,

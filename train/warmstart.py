@@ -56,6 +56,7 @@ import torch
 from fsspec.core import url_to_fs
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -276,8 +277,8 @@ class Probe:
 def start(cfg: DictConfig, module: L.LightningModule, data: Any, spec: FeatureSpec) -> str:
     """The warm start of `python -m train` (`init_from` set): apply `init_schedule` to the
     module and `cfg` (before the callbacks and trainer are built from it), pick the checkpoint
-    (a run folder: the best of its candidates after a probe each), load it. Returns what to
-    print. Raises WarmStartError."""
+    (a run folder: the best of its candidates after a probe each), load it. Prints what it did
+    (the probe table, the summary) on global rank 0 and returns it. Raises WarmStartError."""
     schedule = apply_schedule(cfg, module)
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     urls = candidates(cfg.init_from)
@@ -286,7 +287,9 @@ def start(cfg: DictConfig, module: L.LightningModule, data: Any, spec: FeatureSp
         probes = probe(cfg, module, data, spec, urls)
         chosen = pick(probes, cfg.monitor_mode)
         table = describe(probes, chosen, cfg.monitor, cfg.init_probe_steps) + "\n"
-    return table + init_from(module, chosen, spec, model_config) + schedule  # type: ignore[arg-type]
+    summary = table + init_from(module, chosen, spec, model_config) + schedule  # type: ignore[arg-type]
+    rank_zero_only(print)(summary)
+    return summary
 
 
 def candidates(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
