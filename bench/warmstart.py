@@ -5,7 +5,7 @@ several kinds (size, noise, epochs to converge).
                               [--seed 0] [--fraction 0.3333] [--tolerance 0.005]
                               [--source "weights=click_only"] [--target "weights=seed"]
                               [--probe-steps K] [--short "init_schedule.lr=0.001"]
-                              [--json FILE] [--out DIR]
+                              [--json FILE] [--out DIR [--reuse] [--tag T]]
 
 A setting is a simulated feed: `--rows` training impressions (val and test a quarter each),
 `--ids` the number of users, videos and authors per row relative to `base` (more ids per row:
@@ -62,9 +62,16 @@ SETTINGS = {
 }
 
 
+REUSE = False
+"""--reuse: a run whose folder already holds metrics.json is read, not trained again."""
+
+
 def train(out: Path, overrides: list[str]) -> tuple[dict[str, float], int, int, float, str]:
     """One run: (metrics.json, steps trained, step of best.ckpt, seconds, stdout)."""
     start = time.perf_counter()
+    if REUSE and (out / "metrics.json").exists():
+        log = out / "stdout.txt"
+        return (*_read(out), 0.0, log.read_text() if log.exists() else "")
     done = subprocess.run(
         [sys.executable, "-m", "train", *overrides, f"paths.output_dir={out}"],
         cwd=ROOT,
@@ -75,10 +82,15 @@ def train(out: Path, overrides: list[str]) -> tuple[dict[str, float], int, int, 
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"run {out.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    (out / "stdout.txt").write_text(done.stdout)
+    return (*_read(out), seconds, done.stdout)
+
+
+def _read(out: Path) -> tuple[dict[str, float], int, int]:
     metrics = json.loads((out / "metrics.json").read_text())
     last = read(str(out / "checkpoints" / "last.ckpt"))["global_step"]
     best = read(str(out / "checkpoints" / "best.ckpt"))["global_step"]
-    return metrics, int(last), int(best), seconds, done.stdout
+    return metrics, int(last), int(best)
 
 
 def main() -> None:
@@ -100,7 +112,13 @@ def main() -> None:
     )
     parser.add_argument("--no-other", action="store_true", help="skip run 4")
     parser.add_argument("--json", help="append the results to this file (one JSON line)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="with --out: read runs already there, train the rest"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the short runs' folders")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     setting = {**SETTINGS[args.setting]}
     for key in ("rows", "ids", "noise"):
         if getattr(args, key) is not None:
@@ -136,7 +154,7 @@ def main() -> None:
     short = [*common, *target, f"trainer.max_steps={budget}", *extra]
     results: dict[str, dict[str, float]] = {"scratch": ref}
     results["warm"], warm_steps, _, t, log = train(
-        out / "target_warm", [*short, f"init_from={out / 'source'}"]
+        out / f"target_warm{args.tag}", [*short, f"init_from={out / 'source'}"]
     )
     probe = [line for line in log.splitlines() if "probe steps" in line or "(step " in line]
     chosen = next((line.split()[0] for line in probe if "<- continued from" in line), "")
@@ -146,7 +164,9 @@ def main() -> None:
     other = "best" if picked == "first_epoch" else "first_epoch"
     if not args.no_other:
         start = out / "source" / "checkpoints" / f"{other}.ckpt"
-        results["other"], _, _, t, _ = train(out / "target_other", [*short, f"init_from={start}"])
+        results["other"], _, _, t, _ = train(
+            out / f"target_other{args.tag}", [*short, f"init_from={start}"]
+        )
         print(f"4. warm start from {other}.ckpt (not picked): {t:.0f} s")
     # The control: the warm start's schedule and budget, from a random init.
     schedule = OmegaConf.load(ROOT / "train" / "conf" / "train.yaml").init_schedule
@@ -165,7 +185,7 @@ def main() -> None:
         f"scheduler.floor={values['floor']}",
         f"optimizer.lr={values['lr']}",
     ]
-    results["control"], _, _, t, _ = train(out / "target_control", control)
+    results["control"], _, _, t, _ = train(out / f"target_control{args.tag}", control)
     print(f"5. control, random init: {budget} steps, {t:.0f} s")
 
     names = [n for n in ("warm", "other", "control") if n in results]
@@ -193,6 +213,7 @@ def main() -> None:
             "source": args.source,
             "target": args.target,
             "short": args.short,
+            "probe_steps": args.probe_steps,
             "steps": steps,
             "budget": budget,
             "source_steps": source_steps,
