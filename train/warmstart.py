@@ -4,9 +4,9 @@ model's weights.
 Re-weighting is the loop users run most (try another scheme, compare), and from scratch every
 scheme pays for a full training to convergence. A model trained under one scheme has learned ids
 and a trunk that the next scheme can start from, for a shorter budget. Which model of the earlier
-run transfers best depends on the data: on one simulated feed the model after the first epoch
-did, on others (more rows per id) the converged one did; no fixed rule held (bench/warmstart.py,
-README "Warm-started re-weighting"). So `init_from=RUN_FOLDER` decides per run: each checkpoint
+run transfers best depends on the data: on the simulated feed of the README's earlier figures
+the model after the first epoch did, on smaller and noisier feeds (and a user's feed) the
+converged one did; no fixed rule held (bench/warmstart.py, README "Warm-started re-weighting"). So `init_from=RUN_FOLDER` decides per run: each checkpoint
 the folder kept (`WARM_START_CANDIDATES`: first_epoch, best, last) starts a copy of this run's
 module, which trains `init_probe_steps` steps on this run's data and scheme and is scored on the
 validation split by `monitor`; the run continues from the best (`start`, `probe`, `pick`).
