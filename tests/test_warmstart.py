@@ -1,16 +1,19 @@
 """Warm start (`init_from=CKPT_URL`): every difference between the checkpoint and this run is
 named before anything trains; a fitting checkpoint's weights are loaded (the first validation
-after loading equals the source model's, e2e)."""
+after loading equals the source model's, e2e). `init_from=RUN_FOLDER`: the checkpoints the run
+kept are found, the probe continues from the best-scoring one, bad input is named."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers import (
     SPEC,
@@ -27,7 +30,15 @@ from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.errors import ConfigError
 from train.module import RankingModule
-from train.warmstart import WarmStartError, differences, init_from, logit_shift
+from train.warmstart import (
+    Probe,
+    WarmStartError,
+    candidates,
+    differences,
+    init_from,
+    logit_shift,
+    pick,
+)
 from train.weights import WeightScheme
 
 MODEL = {"_target_": "train.model.DNN", "_partial_": True, "hidden": [16, 8], "embedding_dim": 4}
@@ -266,3 +277,80 @@ def test_a_resumed_run_keeps_the_first_epoch_model(tmp_path):
     train(run, "trainer.max_epochs=2", f"ckpt_path={run}/checkpoints/best.ckpt")
     assert read(str(run / "checkpoints" / "last.ckpt"))["global_step"] == 2 * steps
     assert read(str(run / "checkpoints" / "first_epoch.ckpt"))["global_step"] == steps
+
+
+# --------------------------------------------------------------------------------------------
+# init_from=RUN_FOLDER: the candidates, the probe's pick, the warm-start schedule
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_run_folder_names_the_checkpoints_it_kept(tmp_path_factory, tmp_path):
+    source = trained_run(tmp_path_factory)
+    kept = [str(source / "checkpoints" / f"{n}.ckpt") for n in ("first_epoch", "best", "last")]
+    assert candidates(str(source)) == kept
+    assert candidates(str(source / "checkpoints")) == kept  # its checkpoints folder
+    assert candidates(f"file://{source}") == [f"file://{k}" for k in kept]  # an fsspec URL
+    assert candidates(kept[1]) == [kept[1]]  # a checkpoint file: that one
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(WarmStartError, match=r"^init_from=.*empty: a folder without checkpoints"):
+        candidates(str(tmp_path / "empty"))
+
+
+def test_the_pick_is_the_best_probe_score_in_the_monitors_direction():
+    probes = [Probe("a", 1, 0.61), Probe("b", 2, 0.64), Probe("c", 3, float("nan"))]
+    assert pick(probes, "max") == "b"
+    assert pick(probes[:2], "min") == "a"
+    assert pick([Probe("a", 1, 0.6), Probe("b", 2, 0.6)], "max") == "a"  # the first of equals
+
+
+@pytest.mark.e2e
+def test_the_probe_continues_from_the_better_checkpoint(tmp_path_factory, tmp_path, capsys):
+    source = trained_run(tmp_path_factory)
+    folder = tmp_path / "source" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(source / "checkpoints" / "best.ckpt", folder / "best.ckpt")
+    # first_epoch.ckpt (probed first): the trained model with its weights replaced by noise,
+    # clearly worse after a few steps whatever the seed.
+    bad = torch.load(source / "checkpoints" / "best.ckpt", weights_only=True)
+    torch.manual_seed(0)
+    for key, value in bad["state_dict"].items():
+        if key.startswith("model.") and value.is_floating_point():
+            bad["state_dict"][key] = 3 * torch.randn_like(value)
+    bad["global_step"] = 1
+    torch.save(bad, folder / "first_epoch.ckpt")
+    capsys.readouterr()
+    train(
+        tmp_path / "warm",
+        f"init_from={tmp_path / 'source'}",
+        "init_probe_steps=3",
+        "trainer.max_steps=4",
+    )
+    out = capsys.readouterr().out
+    assert "warm-start candidates, val/click/auc after 3 probe steps each:" in out
+    rows = [line for line in out.splitlines() if ".ckpt  (step " in line]
+    assert len(rows) == 2 and "first_epoch.ckpt  (step 1)" in rows[0]
+    assert rows[1].endswith("<- continued from") and "best.ckpt" in rows[1]
+    assert f"warm start from {folder / 'best.ckpt'}" in out
+    # The warm-start schedule by default, recorded in the run's config; the budget in steps.
+    config = OmegaConf.load(tmp_path / "warm" / "config.yaml")
+    assert config.scheduler == {"_target_": "train.optim.cosine", "warmup_steps": 8, "floor": 0.1}
+    assert config.optimizer.lr == 0.003 and config.callbacks.early_stopping is None
+    assert config.trainer.max_epochs == -1
+    assert read(str(tmp_path / "warm" / "checkpoints" / "last.ckpt"))["global_step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("init_probe_steps=0", "error: init_probe_steps=0: expected an integer >= 1"),
+        ("init_schedule.lr=-1", "error: init_schedule.lr=-1: expected a finite number > 0"),
+        ("init_from=EMPTY", "error: init_from=EMPTY: a folder without checkpoints"),
+    ],
+)
+def test_bad_warm_start_input_names_the_key(tmp_path, override, message):
+    (tmp_path / "empty").mkdir()
+    override = override.replace("EMPTY", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path / "run", "init_from=" + str(tmp_path / "empty"), override)
+    assert str(info.value).startswith(message.replace("EMPTY", str(tmp_path / "empty")))
+    assert not (tmp_path / "run").exists()

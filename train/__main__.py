@@ -59,8 +59,8 @@ def train(cfg: DictConfig) -> float:
             head_schemes=head_schemes,
             balance=model_config.get("balance"),
         )
-        if cfg.init_from:  # weights only, checked against this run's model
-            print(warmstart.init_from(module, cfg.init_from, spec, model_config))
+        if cfg.init_from:  # weights only, checked against this run's model; a run folder's best
+            warmstart.start(cfg, module, data, spec)  # and init_schedule; prints on rank 0
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer: L.Trainer = instantiate(
             cfg.trainer,

@@ -14,6 +14,7 @@ from fsspec.core import url_to_fs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.parallel import DistributedDataParallel
 
+from train.layout import FIRST_EPOCH_CHECKPOINT
 from train.sparse_allreduce import has_sparse_gradients, reduce_gradients
 from train.storage import atomic_write
 
@@ -74,15 +75,17 @@ class TrainingState(L.Callback):
 
 class FirstEpochCheckpoint(ModelCheckpoint):
     """Saves `dirpath/first_epoch.ckpt` (weights only) at the first validation of the first
-    epoch, and never again: the model to warm-start other schemes from. One trained for
-    several passes over the same rows has memorised their ids and starts a new scheme worse
-    than a random init (README, "Warm-started re-weighting").
+    epoch, and never again: one of the models `init_from=RUN_FOLDER` probes for warm-starting
+    another scheme (on some data it transfers better than the converged one: README,
+    "Warm-started re-weighting").
 
     Gated on the epoch, not only on the callback's own state: a run resumed from a checkpoint
     written at that same validation (before this callback had saved) must not save again.
     """
 
-    def __init__(self, dirpath: str, filename: str = "first_epoch") -> None:
+    def __init__(
+        self, dirpath: str, filename: str = FIRST_EPOCH_CHECKPOINT.removesuffix(".ckpt")
+    ) -> None:
         super().__init__(
             dirpath=dirpath, filename=filename, save_weights_only=True, enable_version_counter=False
         )

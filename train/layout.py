@@ -21,6 +21,13 @@ CONFIG_FILE = "config.yaml"
 STATS_FILE = "stats.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
+CHECKPOINTS_DIR = "checkpoints"
+"""`<run>/checkpoints`: every checkpoint callback's `dirpath` (train/conf/train.yaml)."""
+BEST_CHECKPOINT = "best.ckpt"
+LAST_CHECKPOINT = "last.ckpt"
+FIRST_EPOCH_CHECKPOINT = "first_epoch.ckpt"
+WARM_START_CANDIDATES = (FIRST_EPOCH_CHECKPOINT, BEST_CHECKPOINT, LAST_CHECKPOINT)
+"""The checkpoints of a run folder that `init_from=RUN_FOLDER` probes, in this order."""
 
 METRICS = ("auc", "gauc", "xauc", "logloss", "calibration")
 """The per-behaviour metrics a run reports (`<split>/<behaviour>/<metric>`, and `oracle_<metric>`

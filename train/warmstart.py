@@ -1,14 +1,20 @@
-"""Warm start: `init_from=CKPT_URL` starts a new run from an earlier model's weights.
+"""Warm start: `init_from=CKPT_URL` or `init_from=RUN_FOLDER` starts a new run from an earlier
+model's weights.
 
 Re-weighting is the loop users run most (try another scheme, compare), and from scratch every
 scheme pays for a full training to convergence. A model trained under one scheme has learned ids
 and a trunk that the next scheme can start from, for a shorter budget. Which model of the earlier
-run matters: every run keeps `checkpoints/first_epoch.ckpt` (`FirstEpochCheckpoint`) for this.
-On the simulator a warm start from it, for a third of a from-scratch run's steps, gets within
-0.005 AUC of that run on every behaviour; one from the converged `best.ckpt` does not, and starts
-worse than a random init: after several passes over the same rows its id embeddings have
-memorised them (`bench/warmstart.py`, with a random-init control; the README's "Warm-started
-re-weighting").
+run transfers best depends on the data: on the simulated feed of the README's earlier figures
+the model after the first epoch did, on smaller and noisier feeds (and a user's feed) the
+converged one did; no fixed rule held (bench/warmstart.py, README "Warm-started re-weighting"). So `init_from=RUN_FOLDER` decides per run: each checkpoint
+the folder kept (`WARM_START_CANDIDATES`: first_epoch, best, last) starts a copy of this run's
+module, which trains `init_probe_steps` steps on this run's data and scheme and is scored on the
+validation split by `monitor`; the run continues from the best (`start`, `probe`, `pick`).
+
+A warm start gets its own schedule by default (`init_schedule`: LR, a short warm-up, a cosine
+decay over the budget, the final weights kept), so that the user sets only `trainer.max_steps`;
+a fresh Adam's first steps are as large as the LR whatever the gradient, and knock a trained
+model off without the warm-up.
 
 Only the model is taken over: the network's weights and the dense standardisation it was
 trained with (part of the function the weights compute). The optimizer, the LR schedule, the
@@ -26,8 +32,8 @@ miscalibration. Schemes with the same label only; none for multi-head models (un
 
 Re-weighting changes what the monitored metric rewards (a scheme that trades clicks for
 finishes lowers val/click/auc from the first step), so early stopping on it would stop a warm
-start at once: train a fixed budget and keep the final weights
-(`callbacks.early_stopping=null callbacks.checkpoint.monitor=null`), as bench/warmstart.py does.
+start at once: `init_schedule` trains a fixed budget and keeps the final weights
+(`callbacks.early_stopping=null callbacks.checkpoint.monitor=null`).
 
 The checkpoint must describe the same network as this run: the same categorical features in
 the same order with the same bucket counts, the same dense features, the same model class and
@@ -39,18 +45,27 @@ before it trains or writes anything.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 import torch
+from fsspec.core import url_to_fs
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from train.checkpoint import CheckpointError, contents, dense_stats
+from train.checkpoint import CheckpointError, contents, dense_stats, read
 from train.config_checks import TRAINING_KEYS
 from train.data.features import FeatureSpec
 from train.data.vocabulary import VOCAB, Vocabulary
 from train.errors import UpweightError
+from train.layout import CHECKPOINTS_DIR, WARM_START_CANDIDATES, join
 
 FREE_KEYS = frozenset({"_partial_", "dropout", "sparse_embeddings", "fusion", *TRAINING_KEYS})
 """Model settings a warm start may change: dropout, the gradient layout, the fusion of a
@@ -242,3 +257,158 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# `init_from=RUN_FOLDER`: which of the run's checkpoints to continue from, and the schedule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One candidate checkpoint and what its short probe scored."""
+
+    url: str
+    step: int
+    """The source run's global_step when the checkpoint was written."""
+    score: float
+    """`monitor` on the validation split after `init_probe_steps` steps from it."""
+
+
+def start(cfg: DictConfig, module: L.LightningModule, data: Any, spec: FeatureSpec) -> str:
+    """The warm start of `python -m train` (`init_from` set): apply `init_schedule` to the
+    module and `cfg` (before the callbacks and trainer are built from it), pick the checkpoint
+    (a run folder: the best of its candidates after a probe each), load it. Prints what it did
+    (the probe table, the summary) on global rank 0 and returns it. Raises WarmStartError."""
+    schedule = apply_schedule(cfg, module)
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    urls = candidates(cfg.init_from)
+    chosen, table = urls[0], ""
+    if len(urls) > 1:
+        probes = probe(cfg, module, data, spec, urls)
+        chosen = pick(probes, cfg.monitor_mode)
+        table = describe(probes, chosen, cfg.monitor, cfg.init_probe_steps) + "\n"
+    summary = table + init_from(module, chosen, spec, model_config) + schedule  # type: ignore[arg-type]
+    rank_zero_only(print)(summary)
+    return summary
+
+
+def candidates(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The checkpoints `init_from=url` names: `url` itself unless it is a folder; for a run
+    folder (or its checkpoints folder), those of `WARM_START_CANDIDATES` it kept, in that
+    order. A folder without any is an error naming it and what was expected."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    if not fs.isdir(path):
+        return [url]  # a checkpoint file, or a missing one that `contents` names
+    for folder in (join(url, CHECKPOINTS_DIR), url):
+        found = [join(folder, name) for name in WARM_START_CANDIDATES]
+        found = [u for u in found if fs.isfile(url_to_fs(u, **(storage_options or {}))[1])]
+        if found:
+            return found
+    names = ", ".join(WARM_START_CANDIDATES)
+    raise WarmStartError(
+        f"init_from={url}: a folder without checkpoints: expected a checkpoint file or a run "
+        f"folder whose {CHECKPOINTS_DIR}/ holds one of {names} (what `python -m train` keeps)"
+    )
+
+
+def probe(
+    cfg: DictConfig, module: L.LightningModule, data: Any, spec: FeatureSpec, urls: list[str]
+) -> list[Probe]:
+    """Each candidate's score: a copy of `module` (this run's network, scheme and schedule)
+    warm-started from it, trained `init_probe_steps` steps on this run's data and validated by
+    `monitor`. Nothing is written; the validation metrics are global (every rank gathers every
+    rank's rows), so every rank scores alike. Candidates saved at the same step (best and last
+    of a run that ended on its best epoch) are probed once."""
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    probes: list[Probe] = []
+    seen: set[int] = set()
+    for url in urls:
+        step = int(read(url).get("global_step", -1))
+        if step in seen:
+            continue
+        seen.add(step)
+        copied = copy.deepcopy(module)
+        init_from(copied, url, spec, model_config)  # type: ignore[arg-type]
+        trainer = probe_trainer(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # every probe sees one stream
+        trainer.fit(copied, datamodule=data)
+        trainer.validate(copied, datamodule=data, verbose=False)
+        score = float(trainer.callback_metrics[cfg.monitor])
+        probes.append(Probe(url, step, score))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the run as without the probes
+    return probes
+
+
+def probe_trainer(cfg: DictConfig) -> L.Trainer:
+    """This run's trainer (hardware, precision, strategy) for `init_probe_steps` steps, with
+    the callbacks that change how it trains (sparse all-reduce, compile, the rank watchdog) and
+    none that writes: no checkpoints, no logger."""
+    callbacks = [
+        c
+        for c in (instantiate(c) for c in cfg.callbacks.values() if c)
+        if not hasattr(c, "dirpath") and not isinstance(c, EarlyStopping)
+    ]
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=cfg.init_probe_steps,
+        max_epochs=-1,
+        min_epochs=None,
+        num_sanity_val_steps=0,
+        val_check_interval=None,
+        check_val_every_n_epoch=1,
+    )
+
+
+def pick(probes: Sequence[Probe], mode: str) -> str:
+    """The candidate with the best score (`monitor_mode`); the first of equals."""
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(probes, key=lambda p: sign * (p.score if math.isfinite(p.score) else -math.inf))
+    return best.url
+
+
+def describe(probes: Sequence[Probe], chosen: str, monitor: str, steps: int) -> str:
+    """The probe table printed before the run."""
+    lines = [f"warm-start candidates, {monitor} after {steps} probe steps each:"]
+    for p in probes:
+        mark = "  <- continued from" if p.url == chosen else ""
+        lines.append(f"  {p.url}  (step {p.step})  {p.score:.4f}{mark}")
+    return "\n".join(lines)
+
+
+def apply_schedule(cfg: DictConfig, module: L.LightningModule) -> str:
+    """`init_schedule` (unless null): its LR in place of optimizer.lr, warm-up and cosine decay
+    over the budget in place of `scheduler`, no early stopping, best.ckpt the final weights,
+    and the budget in steps when trainer.max_steps is set. Edits `cfg` (the config.yaml the
+    run writes shows what ran) and the module's optimizer and scheduler. Returns a summary."""
+    schedule = cfg.get("init_schedule")
+    if not schedule:
+        return ""
+    if "lr" not in (cfg.optimizer or {}):
+        raise WarmStartError(
+            f"init_schedule.lr: optimizer {cfg.optimizer.get('_target_')} takes no lr; set "
+            "init_schedule=null and the optimizer's own settings"
+        )
+    cfg.optimizer.lr = schedule.lr
+    cfg.scheduler = {
+        "_target_": "train.optim.cosine",
+        "warmup_steps": schedule.warmup_steps,
+        "floor": schedule.floor,
+    }
+    module.optimizer_factory = instantiate(cfg.optimizer)
+    module.scheduler_factory = instantiate(cfg.scheduler)
+    if cfg.callbacks.get("early_stopping"):
+        cfg.callbacks.early_stopping = None
+    if cfg.callbacks.get("checkpoint"):
+        cfg.callbacks.checkpoint.monitor = None  # best.ckpt: the final weights
+    if cfg.trainer.max_steps != -1:
+        cfg.trainer.max_epochs = -1  # the budget is max_steps
+    return (
+        f"; init_schedule: lr {schedule.lr}, {schedule.warmup_steps} warm-up steps, cosine to "
+        f"{schedule.floor} x lr, final weights kept"
+    )
