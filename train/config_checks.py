@@ -12,7 +12,8 @@ class's `check_config(config)`, the factories themselves), so that a bad `model.
 `optimizer.lr` stops the job before the data is read rather than after.
 
 The rule helpers (`integer`, `number`, `one_of`, ..., `require`) are shared with the seams, so
-every message has one shape.
+every message has one shape. Longer than 450 lines: the domain table of every job-level key and
+the cross-group checks are read together, here, as the one list of what a config may hold.
 """
 
 from __future__ import annotations
