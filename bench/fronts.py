@@ -1,11 +1,13 @@
 """Multi-task rivals against the multihead fusion front, at equal click AUC.
 
-    python bench/fronts.py RUNS_FOLDER [--baseline multihead] [--grid 0,0.25,0.5,1,2]
-        [--x click/auc] [--y finish/auc] [--floor 0.03]
+    python bench/fronts.py RUNS_FOLDER [--baseline multihead] [--x click/auc] [--y finish/auc]
+        [--floor 0.03] [--grid 0,0.25,0.5,1,2 | --fine 0.02]
 
 Reads every run below RUNS_FOLDER (as `train.report` does), sweeps the fusion α of every run that
 saved test predictions over the grid (label head at α = 1, every other head at each grid value,
-and each head alone), and compares each run's fusion points with the baseline run's fusion front
+and each head alone; or with `--fine STEP` only the two heads of x and y: α_x = 1, α_y from 0 to
+4 in steps of STEP, then α_y = 1 and α_x down to 0: a dense front, so that the comparison does
+not depend on how coarse the grid is), and compares each run's fusion points with the baseline run's fusion front
 (the run whose folder name is `--baseline`): the front's y interpolated at the point's x
 (`train.pareto.gains_at_equal_x`: dominated points never count, no extrapolation). Only points
 with x above the best weighting scheme run's x minus `--floor` count (click_only - 0.03 in the
@@ -24,8 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from train.layout import PREDICTIONS_FILE, join  # noqa: E402
 from train.pareto import default_direction, gains_at_equal_x  # noqa: E402
-from train.report.fusion import fusion_rows, parse_grid  # noqa: E402
+from train.report.fusion import (  # noqa: E402
+    fusion_metrics,
+    fusion_rows,
+    parse_grid,
+    read_predictions,
+)
 from train.report.rows import is_scheme_run  # noqa: E402
 from train.report.runs import find_runs, split_values  # noqa: E402
 
@@ -38,13 +46,28 @@ def main() -> None:
     parser.add_argument("--x", default="click/auc")
     parser.add_argument("--y", default="finish/auc")
     parser.add_argument("--floor", type=float, default=0.03)
+    parser.add_argument("--fine", type=float, default=None, help="dense two-head sweep step")
     args = parser.parse_args()
     runs, _ = find_runs([args.runs])
-    rows = fusion_rows(runs, "test", parse_grid(args.grid))
     by_run: dict[str, list[tuple[str, float, float]]] = {}
-    for row in rows:
-        name = Path(row.source).name
-        by_run.setdefault(name, []).append((row.label, row.values[args.x], row.values[args.y]))
+    if args.fine:
+        hx, hy = args.x.split("/")[0], args.y.split("/")[0]
+        steps = [round(k * args.fine, 6) for k in range(round(4 / args.fine) + 1)]
+        alphas = [{hx: 1.0, hy: a} for a in steps] + [{hx: a, hy: 1.0} for a in steps if a < 1]
+        for run in runs:
+            if not run.has_predictions:
+                continue
+            pred = read_predictions(join(run.url, PREDICTIONS_FILE))
+            for alpha in alphas:
+                values = fusion_metrics(pred, alpha)
+                label = f"{Path(run.url).name} {alpha}"
+                by_run.setdefault(Path(run.url).name, []).append(
+                    (label, values[args.x], values[args.y])
+                )
+    else:
+        for row in fusion_rows(runs, "test", parse_grid(args.grid)):
+            name = Path(row.source).name
+            by_run.setdefault(name, []).append((row.label, row.values[args.x], row.values[args.y]))
     schemes = {
         Path(r.url).name: split_values(r.metrics, "test", False) for r in runs if is_scheme_run(r)
     }
