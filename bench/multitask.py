@@ -1,6 +1,6 @@
 """The cost of a multi-task step against a `model=dnn` step at the same batch.
 
-    python bench/multitask.py [--rows 400000] [--threads 2] [--repeat 3]
+    python bench/multitask.py [--rows 400000] [--threads 2] [--repeat 3] [--arms dnn,mmoe,...]
 
 Every arm trains one epoch of the same in-memory simulated rows through the job's own path
 (ImpressionDataModule + RankingModule + lightning.Trainer, batch 4096, the 8 categorical and 4
@@ -87,13 +87,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every arm (medians)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="a comma list of arms (dnn first)")
     args = parser.parse_args()
+    arms = {name: ARMS[name] for name in args.arms.split(",")}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = data_module(args.rows, scale=1)
-    runs: dict[str, list[float]] = {name: [] for name in ARMS}
+    runs: dict[str, list[float]] = {name: [] for name in arms}
     for turn in range(args.repeat):
-        for name, arm in ARMS.items():
+        for name, arm in arms.items():
             runs[name].append(ms_per_step(data, arm))
             print(f"round {turn + 1}: {name}: {runs[name][-1]:.1f} ms/step", file=sys.stderr)
     print(f"{args.rows:,} rows, batch {BATCH}, {args.threads} threads, medians of {args.repeat}")
