@@ -91,7 +91,7 @@ class Uncertainty(Balance):
         world: int = 1,
     ) -> Tensor:
         # Every rank adds the whole regulariser: DDP averages its gradient back to one copy.
-        return (self.effective() * losses).sum() + 0.5 * self.log_variance.sum()
+        return super().combine(losses, global_losses) + 0.5 * self.log_variance.sum()
 
     def effective(self) -> Tensor:
         return torch.exp(-self.log_variance)

@@ -230,8 +230,8 @@ class PerHeadBCE(Objective):
             )
         self.columns = [behaviours.index(h) for h in self.heads]
         self.behaviours = behaviours
-        self.head_schemes = dict(head_schemes or {})
-        for head, own in self.head_schemes.items():
+        head_schemes = dict(head_schemes or {})
+        for head, own in head_schemes.items():
             if head not in self.heads:
                 raise SchemeError(
                     f"model.head_weights.{head}: not a head of this model {self.heads}"
@@ -241,7 +241,7 @@ class PerHeadBCE(Objective):
             except SchemeError as err:
                 raise SchemeError(f"model.head_weights.{head} ({own.name}): {err}") from err
         # Columns of the heads a scheme weighs, in head order.
-        self.schemed = [(self.heads.index(h), s) for h, s in self.head_schemes.items()]
+        self.schemed = [(self.heads.index(h), s) for h, s in head_schemes.items()]
         self.fusion = dict(fusion)
         alpha = torch.tensor([self.fusion.get(h, 0.0) for h in self.heads], dtype=torch.float32)
         self.register_buffer("alpha", alpha, persistent=False)

@@ -222,6 +222,17 @@ def mlp(
     return layers, width
 
 
+def towers(
+    heads: int, width: int, hidden: Sequence[int], activation: str, dropout: float
+) -> nn.ModuleList:
+    """One MLP tower per head ending in its logit."""
+    out = []
+    for _ in range(heads):
+        layers, last = mlp(width, hidden, activation, dropout)
+        out.append(nn.Sequential(*layers, nn.Linear(last, 1)))
+    return nn.ModuleList(out)
+
+
 class DNN(RankingNetwork):
     """Embeddings of hashed ids + dense inputs -> MLP -> one logit (the classic CTR DNN)."""
 
@@ -480,8 +491,9 @@ class MultiTaskNetwork(RankingNetwork):
         product of probabilities would round to 0); unconditioned heads are returned as is."""
         if not self.chain:
             return logits
-        log_p = list(F.logsigmoid(logits.float()).unbind(1))
-        columns = list(logits.float().unbind(1))
+        logits = logits.float()
+        log_p = list(F.logsigmoid(logits).unbind(1))
+        columns = list(logits.unbind(1))
         for child, parent in self.chain:  # parents first
             log_p[child] = log_p[child] + log_p[parent]
             columns[child] = logit_of_log(log_p[child])
@@ -578,11 +590,7 @@ class MultiHead(MultiTaskNetwork):
         )
         layers, width = mlp(self.input_width, hidden, activation, dropout)
         self.trunk = nn.Sequential(*layers)
-        towers = []
-        for _ in self.heads:
-            layers, out = mlp(width, head_hidden, activation, dropout)
-            towers.append(nn.Sequential(*layers, nn.Linear(out, 1)))
-        self.towers = nn.ModuleList(towers)
+        self.towers = towers(len(self.heads), width, head_hidden, activation, dropout)
 
     def shared(
         self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None

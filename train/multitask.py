@@ -23,7 +23,7 @@ from torch import nn
 from train.config_checks import integer, require
 from train.data.batch import SequenceInput
 from train.errors import ConfigError
-from train.model import ACTIVATIONS, MultiTaskNetwork, mlp
+from train.model import ACTIVATIONS, MultiTaskNetwork, towers
 
 
 class Experts(nn.Module):
@@ -59,17 +59,6 @@ class Experts(nn.Module):
 def mix(gate: nn.Linear, x: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     """Σ_e softmax(gate(x))_e · outputs[:, e] for expert outputs [rows, experts, width]."""
     return (torch.softmax(gate(x), dim=-1).unsqueeze(-1) * outputs).sum(1)
-
-
-def towers(
-    heads: int, width: int, hidden: Sequence[int], activation: str, dropout: float
-) -> nn.ModuleList:
-    """One MLP tower per head ending in its logit."""
-    out = []
-    for _ in range(heads):
-        layers, last = mlp(width, hidden, activation, dropout)
-        out.append(nn.Sequential(*layers, nn.Linear(last, 1)))
-    return nn.ModuleList(out)
 
 
 def check_hidden(options: Mapping[str, Any]) -> None:
