@@ -112,13 +112,22 @@ def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path
     assert pc.sum(pc.is_nan(raw["author_followers_log"])).as_py() > 0  # NaNs as well as nulls
     pq.write_table(raw, tmp_path / "raw.parquet")
     predict(str(ckpt), str(tmp_path / "raw.parquet"), str(tmp_path / "scores.parquet"))
-    expected = pq.read_table(tmp_path / "scores.parquet")["score"].to_numpy()
+    predicted = pq.read_table(tmp_path / "scores.parquet")
+    expected = predicted["score"].to_numpy()
 
     served = serve_isolated(artifact, json_lines(raw), tmp_path)
     assert served.returncode == 0, served.stderr[-3000:]
-    got = np.array([json.loads(line)["score"] for line in served.stdout.splitlines()])
+    lines = [json.loads(line) for line in served.stdout.splitlines()]
+    got = np.array([line["score"] for line in lines])
     assert got.shape == (n,)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # The odds correction is inside the program: serve.py's p_calibrated is predict's.
+    np.testing.assert_allclose(
+        [line["p_calibrated"] for line in lines],
+        predicted["p_calibrated"].to_numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
     # Types matter, as in training: the same rows with int video ids score differently.
     assert not np.allclose(serve.Model.load(artifact).score_rows(table.to_pylist())["score"], got)
 
@@ -129,7 +138,9 @@ def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path
     assert [d["mean"] for d in spec["dense"]] == checkpoint.scorer.preprocess.mean.tolist()
     assert [d["std"] for d in spec["dense"]] == checkpoint.scorer.preprocess.std.tolist()
     assert spec["dense_fill"] == "mean" and spec["null_bucket"] == 0
-    assert spec["scheme"]["name"] == "engagement" and spec["outputs"] == ["score"]
+    assert spec["scheme"]["name"] == "engagement"
+    assert spec["outputs"] == ["score", "p_calibrated"]
+    assert spec["calibration"]["odds_factor"] == checkpoint.scorer.correction.odds_factor
     assert "0123456789123456" in spec["hashing"]["strings"]
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
 from train import metrics
+from train.calibration import OddsCorrection
 from train.metrics import (
     XAUC,
     BehaviourMetrics,
@@ -293,6 +294,8 @@ EXPECTED_KEYS = {
     "click/gauc",
     "click/logloss",
     "click/calibration",
+    "click/odds_factor",
+    "click/calibration_corrected",
     "like/auc",
     "like/gauc",
     "watch_time/xauc",
@@ -326,7 +329,11 @@ def test_behaviour_metrics_keys_and_values_without_oracle() -> None:
         "watch_time/xauc": xauc(probs, watch),
         "watch_time/auc": auc(probs, watch),
     }
+    fitted = OddsCorrection.fit(probs, click, "click")
+    expected["click/odds_factor"] = torch.tensor(fitted.odds_factor, dtype=torch.float64)
+    expected["click/calibration_corrected"] = calibration(fitted.apply(probs), click)
     _assert_same_dict(out, {k: v.item() for k, v in expected.items()})
+    assert out["click/calibration_corrected"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_behaviour_metrics_oracle_values() -> None:

@@ -112,10 +112,18 @@ def test_run_saves_every_heads_test_predictions(run):
         assert f"{split}/watch_time/head_xauc" in metrics
     # the label's logloss/calibration measure its head (the fused score is no probability)
     assert metrics["test/click/logloss"] == metrics["test/click/head_logloss"]
-    assert load(str(run / "checkpoints" / "best.ckpt")).scorer.outputs == [
-        "score",
-        *(f"p_{h}" for h in HEADS),
-    ]
+    scorer = load(str(run / "checkpoints" / "best.ckpt")).scorer
+    assert scorer.outputs == ["score", *(f"p_{h}" for h in HEADS), "p_calibrated"]
+    # p_calibrated corrects the label head, with the factor the best model's val fitted.
+    correction = scorer.correction
+    assert correction.label == "click" and scorer.label_column == HEADS.index("click")
+    # (val/ metrics pass through Lightning's float32 logging)
+    assert correction.odds_factor == pytest.approx(metrics["val/click/odds_factor"], rel=1e-6)
+    p_click = torch.from_numpy(table.column("p_click").to_numpy()).double()
+    y_click = torch.from_numpy(table.column("y_click").to_numpy()) > 0
+    assert float(correction.apply(p_click).mean() / y_click.double().mean()) == pytest.approx(
+        metrics["test/click/calibration_corrected"], abs=1e-5
+    )
 
 
 @pytest.mark.e2e

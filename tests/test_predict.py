@@ -75,7 +75,7 @@ def test_scores_reproduce_the_runs_test_metrics(run, tmp_path):
     )
     scores = pq.read_table(out)
     assert summary.rows == table.num_rows == scores.num_rows
-    assert scores.column_names == ["user_id", "video_id", "score"]
+    assert scores.column_names == ["user_id", "video_id", "score", "p_calibrated"]
     assert scores.column("user_id").equals(table.column("user_id"))
     metrics = json.loads((run / "metrics.json").read_text())
     p = scores.column("score").to_numpy().astype(np.float64)
@@ -84,6 +84,14 @@ def test_scores_reproduce_the_runs_test_metrics(run, tmp_path):
     q = np.clip(p, 1e-7, 1 - 1e-7)
     logloss = -np.where(click, np.log(q), np.log1p(-q)).mean()
     assert logloss == pytest.approx(metrics["test/click/logloss"], abs=1e-6)
+    # The odds correction fitted on val travels in the checkpoint: the run's corrected test
+    # calibration comes back, and the ranking is the score's.
+    calibrated = scores.column("p_calibrated").to_numpy().astype(np.float64)
+    assert calibrated.mean() / click.mean() == pytest.approx(
+        metrics["test/click/calibration_corrected"], abs=1e-5
+    )
+    # (to float32 rounding: the shifted probabilities tie where the scores did not, and back)
+    assert roc_auc_score(click, calibrated) == pytest.approx(roc_auc_score(click, p), abs=1e-5)
 
 
 @pytest.mark.e2e
@@ -108,8 +116,11 @@ def test_checkpoint_scorer_equals_the_training_module_forward(run):
     with torch.no_grad():
         expected = torch.sigmoid(module.eval()(categorical, dense))
         got = checkpoint.scorer(categorical, dense)
-    assert got.shape == (2000, 1)
+    assert got.shape == (2000, 2) and checkpoint.scorer.outputs == ["score", "p_calibrated"]
     torch.testing.assert_close(got[:, 0], expected, rtol=0, atol=0)
+    factor = checkpoint.scorer.correction.odds_factor
+    odds = expected.double() / (1 - expected.double()) / factor
+    torch.testing.assert_close(got[:, 1].double(), odds / (1 + odds), rtol=0, atol=1e-6)
 
 
 def test_csv_parquet_folders_and_processes_score_every_row_once(tmp_path):

@@ -18,9 +18,10 @@ import torch
 from fsspec.core import url_to_fs
 from torch import nn
 
+from train.calibration import OddsCorrection
 from train.data.features import FeatureSpec
 from train.errors import UpweightError
-from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY
+from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY, CALIBRATION_KEY
 from train.model import network_config, network_logits
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.secrets import safe_url, scrub
@@ -133,8 +134,21 @@ def load(
     network = build_network(artifact["model"], spec, where, trusted_models)
     load_weights(network, state, where)
     mean, std = dense_stats(state, artifact, len(spec.dense), where)
-    scorer = Scorer(network, spec, DensePreprocess(mean, std, spec.dense_fill))
+    correction = odds_correction(artifact, where)
+    scorer = Scorer(network, spec, DensePreprocess(mean, std, spec.dense_fill), correction)
     return Checkpoint(source=url, spec=spec, scorer=scorer.eval(), artifact=artifact)
+
+
+def odds_correction(artifact: Mapping[str, Any], where: str) -> OddsCorrection | None:
+    """The label's odds correction saved with the checkpoint's weights (None: none was, e.g. a
+    periodic checkpoint saved between validations)."""
+    state = artifact.get(CALIBRATION_KEY)
+    if state is None:
+        return None
+    try:
+        return OddsCorrection.from_state(state)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{where}: upweight.{CALIBRATION_KEY} is not valid: {err}") from err
 
 
 def build_network(
@@ -226,16 +240,29 @@ class Scorer(nn.Module):
     Dense inputs go through the same `DensePreprocess` as in training. A network returns one
     logit per row, or [rows, heads] logits for a multi-head model; then its `heads` attribute
     names the heads (`p_<head>` columns) and its optional `score(logits)` gives the ranking
-    score (default: the first head's probability).
+    score (default: the first head's probability). With an odds `correction` the last column is
+    `p_calibrated`, the label's probability with sample weighting's inflation divided out.
     """
 
-    def __init__(self, network: nn.Module, spec: FeatureSpec, preprocess: DensePreprocess) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        spec: FeatureSpec,
+        preprocess: DensePreprocess,
+        correction: OddsCorrection | None = None,
+    ) -> None:
         super().__init__()
         self.network = network
         self.preprocess = preprocess
+        self.correction = correction
         self.list_width = spec.list_width
         """Columns of the `sequences` input (0: the network takes none)."""
         self.outputs = self._output_names(len(spec.categorical))
+        # The label's logit column (multi-head: its head's), which the correction shifts.
+        heads = list(getattr(network, "heads", None) or [])
+        self.label_column = heads.index(correction.label) if correction and heads else 0
+        if correction:
+            self.outputs.append("p_calibrated")
 
     def logits(
         self, categorical: torch.Tensor, dense: torch.Tensor, sequences: torch.Tensor | None = None
@@ -247,11 +274,17 @@ class Scorer(nn.Module):
     ) -> torch.Tensor:
         logits = self.logits(categorical, dense, sequences).float()
         if logits.dim() == 1:
-            return torch.sigmoid(logits).unsqueeze(1)
-        probs = torch.sigmoid(logits)
-        score_fn = getattr(self.network, "score", None)
-        score = score_fn(logits) if callable(score_fn) else probs[:, 0]
-        return torch.cat([score.unsqueeze(1), probs], dim=1)
+            logits = logits.unsqueeze(1)
+            columns = [torch.sigmoid(logits)]
+        else:
+            probs = torch.sigmoid(logits)
+            score_fn = getattr(self.network, "score", None)
+            score = score_fn(logits) if callable(score_fn) else probs[:, 0]
+            columns = [score.unsqueeze(1), probs]
+        if self.correction:
+            label = logits[:, self.label_column : self.label_column + 1]
+            columns.append(self.correction.apply_to_logits(label))
+        return torch.cat(columns, dim=1)
 
     def _output_names(self, num_categorical: int) -> list[str]:
         # One probe batch (bucket 0 exists in every feature) tells one logit from several.

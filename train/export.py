@@ -18,7 +18,8 @@ no list columns) is plain JSON:
   or is the list's own name: then the entry itself carries its own table's encoding, `buckets`
   or `vocabulary` as a categorical entry does. Each table's encoding is written once;
 - `dense`, `dense_fill`, `dense_rule`: the dense features and their training statistics;
-- `outputs`, `scheme`, `model`, `training`: what the probabilities are and where they came from.
+- `outputs`, `scheme`, `model`, `training`: what the probabilities are and where they came from;
+- `calibration` (where the checkpoint has one): the odds correction behind `p_calibrated`.
 """
 
 from __future__ import annotations
@@ -162,6 +163,18 @@ def feature_spec(checkpoint: Checkpoint) -> dict[str, Any]:
         "dense_rule": "inside the program: missing values (NaN) become the training mean "
         "(dense_fill=mean) or 0 (zero), then (x - mean) / std",
         "scheme": artifact.get("scheme", {}),
+        **(
+            {
+                "calibration": scorer.correction.to_state()
+                | {
+                    "rule": "inside the program: p_calibrated = p / (p + (1 - p) * odds_factor), "
+                    "p the label's probability (its head's on a multi-head model), odds_factor "
+                    "fitted on the validation split (train/calibration.py)"
+                }
+            }
+            if scorer.correction
+            else {}
+        ),
         "model": artifact.get("model", {}),
         "training": {
             "behaviours": dict(spec.behaviours),

@@ -149,8 +149,8 @@ class HeadOutputs(CatMetric):
 
     def metrics(self, gathered: Mapping[str, Tensor]) -> dict[str, float]:
         """`<head>/head_auc` (its own behaviour > 0), `head_xauc` for a continuous head,
-        `head_logloss` and `head_calibration` for a binary one; and the label's `logloss` and
-        `calibration` from the label head (the fused score is not a probability)."""
+        `head_logloss` and `head_calibration` for a binary one (the label's `logloss` and
+        `calibration` come from `BehaviourMetrics`, given the label head's probability)."""
         out: dict[str, Tensor] = {}
         for j, head in enumerate(self.heads):
             p = gathered["probs"][:, j]
@@ -161,9 +161,6 @@ class HeadOutputs(CatMetric):
             else:
                 out[f"{head}/head_logloss"] = logloss(p, values)
                 out[f"{head}/head_calibration"] = calibration(p, values)
-            if head == self.label:
-                out[f"{head}/logloss"] = logloss(p, values)
-                out[f"{head}/calibration"] = calibration(p, values)
         return {k: float(v) for k, v in out.items()}
 
     def table(self, gathered: Mapping[str, Tensor], fusion: Mapping[str, float]) -> pa.Table:
@@ -229,6 +226,7 @@ class PerHeadBCE(Objective):
                 stacklevel=2,
             )
         self.columns = [behaviours.index(h) for h in self.heads]
+        self.label_head = self.heads.index(scheme.label)
         self.behaviours = behaviours
         head_schemes = dict(head_schemes or {})
         for head, own in head_schemes.items():
@@ -276,6 +274,9 @@ class PerHeadBCE(Objective):
     def score(self, probs: Tensor) -> Tensor:
         # The metrics rank by the fused score, computed as the report's α sweep does.
         return fused_score(probs, self.alpha)
+
+    def label_probs(self, probs: Tensor) -> Tensor:
+        return probs[:, self.label_head]
 
     def update(self, split: str, probs: Tensor, batch: Batch) -> None:
         self.outputs[split].update(

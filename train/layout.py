@@ -29,7 +29,7 @@ FIRST_EPOCH_CHECKPOINT = "first_epoch.ckpt"
 WARM_START_CANDIDATES = (FIRST_EPOCH_CHECKPOINT, BEST_CHECKPOINT, LAST_CHECKPOINT)
 """The checkpoints of a run folder that `init_from=RUN_FOLDER` probes, in this order."""
 
-METRICS = ("auc", "gauc", "xauc", "logloss", "calibration")
+METRICS = ("auc", "gauc", "xauc", "logloss", "calibration", "calibration_corrected")
 """The per-behaviour metrics a run reports (`<split>/<behaviour>/<metric>`, and `oracle_<metric>`
 on simulated data), in the order tables show them."""
 
@@ -40,6 +40,9 @@ PREDICTIONS_FORMAT = 1
 """The `upweight` schema metadata of predictions.parquet."""
 ARTIFACT_KEY = "upweight"
 """The checkpoint entry (and Parquet metadata key) holding that description."""
+CALIBRATION_KEY = "calibration"
+"""`checkpoint["upweight"]["calibration"]`: the label's odds correction fitted on validation for
+the checkpoint's weights (`train.calibration.OddsCorrection`; absent: no `p_calibrated`)."""
 
 
 def join(folder: str, *names: str) -> str:

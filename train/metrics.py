@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from train.calibration import OddsCorrection
+
 __all__ = [
     "XAUC",
     "BehaviourMetrics",
@@ -329,7 +331,11 @@ class BehaviourMetrics(CatMetric):
       size over groups holding both classes);
     * continuous behaviour ``c``: ``c/xauc`` against its values and ``c/auc`` against
       ``value > 0``;
-    * the label additionally ``label/logloss`` and ``label/calibration`` (target ``value > 0``);
+    * the label additionally ``label/logloss`` and ``label/calibration`` (target ``value > 0``)
+      of its probability (``label_probs``; the score itself when not given), the label's odds
+      correction fitted on the split (``label/odds_factor``, see `train.calibration`) and
+      ``label/calibration_corrected``: the calibration after ``correction`` (the one fitted on
+      validation, set before a test split's compute), or after the split's own fit without one;
     * for every behaviour named in ``oracle``, the same metrics computed from the oracle score
       as ``b/oracle_<metric>``: ``oracle_auc`` of a continuous behaviour ranks by
       ``oracle_positive`` where given, else by the oracle expectation; ``oracle_xauc`` by the
@@ -364,6 +370,11 @@ class BehaviourMetrics(CatMetric):
         self.oracle = tuple(oracle)
         self.xauc_pairs = xauc_pairs
         self.seed = seed
+        self.correction: OddsCorrection | None = None
+        """Applied to the label's probability for `calibration_corrected` (None: the split's own
+        fit, as on validation)."""
+        self.fitted: OddsCorrection | None = None
+        """The correction the last `compute` fitted on its split."""
         known = set(self.behaviours)
         for what, names in (
             ("behaviours", self.behaviours),
@@ -380,13 +391,14 @@ class BehaviourMetrics(CatMetric):
             raise ValueError(f"xauc_pairs must be positive, got {xauc_pairs}")
 
         # Stored row layout: [probs | behaviours (K) | oracle (M) | oracle_positive of the
-        # continuous oracle behaviours (NaN where not given)].
+        # continuous oracle behaviours (NaN where not given) | the label's probability].
         k, m = len(self.behaviours), len(self.oracle)
         self._oracle_continuous = [m_ for m_, b in enumerate(self.oracle) if b in self.continuous]
         self._positive_col = {
             self.oracle[m_]: 1 + k + m + i for i, m_ in enumerate(self._oracle_continuous)
         }
-        self._n_cols = 1 + k + m + len(self._oracle_continuous)
+        self._label_col = 1 + k + m + len(self._oracle_continuous)
+        self._n_cols = self._label_col + 1
         self._add_cat_state("rows", torch.float64, (self._n_cols,))
         self._add_cat_state("groups", torch.long)
 
@@ -397,9 +409,11 @@ class BehaviourMetrics(CatMetric):
         groups: Tensor,
         oracle: Tensor | None = None,
         oracle_positive: Tensor | None = None,
+        label_probs: Tensor | None = None,
     ) -> None:
         """Add a batch: ``probs [B]``, ``behaviours [B, K]``, ``groups [B]`` (int64),
-        ``oracle [B, M]`` and optional ``oracle_positive [B, M]`` in ``self.oracle`` order."""
+        ``oracle [B, M]`` and optional ``oracle_positive [B, M]`` in ``self.oracle`` order, and
+        the label's probability ``label_probs [B]`` where the score is not it (multi-head)."""
         b = _check_1d(probs=probs, groups=groups)
         k, m = len(self.behaviours), len(self.oracle)
         if behaviours.shape != (b, k):
@@ -426,6 +440,11 @@ class BehaviourMetrics(CatMetric):
                         f"got {tuple(oracle_positive.shape)}"
                     )
                 cols.append(oracle_positive.detach().to(torch.float64)[:, idx])
+        if label_probs is None:
+            cols.append(cols[0])
+        else:
+            _check_1d(probs=probs, label_probs=label_probs)
+            cols.append(label_probs.detach().to(torch.float64)[:, None])
         self.rows.append(torch.cat([c.to(probs.device) for c in cols], dim=1))
         self.groups.append(groups.detach().to(torch.long))
 
@@ -461,7 +480,8 @@ class BehaviourMetrics(CatMetric):
             values = rows[:, 1 + j]
             positive = values > 0
             # (prefix, rank score column, AUC score column or tensor, probability for the label)
-            scorers: list[tuple[str, int, Tensor | int, Tensor]] = [("", 0, 0, rows[:, 0])]
+            label_prob = rows[:, self._label_col]
+            scorers: list[tuple[str, int, Tensor | int, Tensor]] = [("", 0, 0, label_prob)]
             if name in self.oracle:
                 col = 1 + k + self.oracle.index(name)
                 if name in self.continuous:
@@ -484,5 +504,22 @@ class BehaviourMetrics(CatMetric):
                 if name == self.label:
                     out[key + "logloss"] = logloss(prob, values)
                     out[key + "calibration"] = calibration(prob, values)
+            if name == self.label:
+                out |= self._corrected(label_prob, values)
         # One device-to-host transfer instead of one sync per metric.
         return dict(zip(out, torch.stack(list(out.values())).cpu().tolist(), strict=True))
+
+    def _corrected(self, probs: Tensor, values: Tensor) -> dict[str, Tensor]:
+        self.fitted = OddsCorrection.fit(probs, values, self.label)
+        correction = self.correction or self.fitted
+        nan = _nan(probs.device)
+        return {
+            f"{self.label}/odds_factor": (
+                torch.tensor(self.fitted.odds_factor, dtype=torch.float64, device=probs.device)
+                if self.fitted
+                else nan
+            ),
+            f"{self.label}/calibration_corrected": (
+                calibration(correction.apply(probs), values) if correction else nan
+            ),
+        }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -12,13 +13,14 @@ import torch
 from torch import nn
 
 from train.balance import balance_for
+from train.calibration import OddsCorrection
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.data.vocabulary import Vocabulary
 from train.errors import ConfigError, UpweightError
 from train.heads import PerHeadBCE
-from train.layout import ARTIFACT_KEY
+from train.layout import ARTIFACT_KEY, CALIBRATION_KEY
 from train.metrics import BehaviourMetrics
 from train.model import MultiTaskNetwork, check_fusion, network_logits
 from train.nonfinite import NonFiniteGuard
@@ -120,6 +122,8 @@ class RankingModule(L.LightningModule):
             }
         )
         self.test_results: dict[str, float] = {}
+        self.correction: OddsCorrection | None = None
+        """The label's odds correction fitted on the last validation (see train.calibration)."""
         self.guard = NonFiniteGuard(nonfinite, [name for name, _ in self.named_parameters()])
 
     @property
@@ -222,12 +226,19 @@ class RankingModule(L.LightningModule):
             batch.group,
             batch.oracle,
             batch.oracle_positive,
+            self.objective.label_probs(probs),
         )
 
     def _finish(self, split: str) -> dict[str, float]:
+        metrics = self.metrics[split]
+        # Test is corrected by the odds correction fitted on validation (p_calibrated's).
+        metrics.correction = self.correction if split == "test" else None
         # compute() gathers every rank's predictions: all ranks must call it (a collective).
-        results = self.metrics[split].compute()
-        self.metrics[split].reset()
+        results = metrics.compute()
+        metrics.reset()
+        if split == "val" and not self.trainer.sanity_checking:
+            fitted = metrics.fitted
+            self.correction = fitted and replace(fitted, step=self.trainer.global_step)
         save_to = self.evaluation.predictions if split == "test" else None
         results |= self.objective.finish(split, save_to if self.trainer.is_global_zero else None)
         return {f"{split}/{k}": v for k, v in results.items()}
@@ -266,6 +277,10 @@ class RankingModule(L.LightningModule):
         self.guard.check(self._rank())
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         checkpoint[ARTIFACT_KEY] = self.artifact
+        # Only for the weights it was fitted on: a checkpoint saved between validations (a
+        # periodic last.ckpt) would otherwise carry the previous weights' correction.
+        if self.correction and self.correction.step == self.trainer.global_step:
+            checkpoint[ARTIFACT_KEY] = self.artifact | {CALIBRATION_KEY: self.correction.to_state()}
         checkpoint["skipped_batches"] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

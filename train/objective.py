@@ -54,6 +54,11 @@ class Objective(nn.Module):
         """The one score per row that the metrics rank by, from probabilities [rows, outputs]."""
         return probs.reshape(len(probs), -1)[:, 0]
 
+    def label_probs(self, probs: Tensor) -> Tensor:
+        """The probability of the scheme's label per row (what logloss, calibration and the odds
+        correction measure): the score itself for one output."""
+        return self.score(probs)
+
     def update(self, split: str, probs: Tensor, batch: Batch) -> None:
         """Keep what `finish` needs of one evaluation batch (nothing by default)."""
 

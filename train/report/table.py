@@ -110,9 +110,10 @@ def parse_metrics(
 
 
 def _goodness(column: str, value: float) -> float:
-    """Larger is better: AUCs as they are, logloss negated, calibration by its distance to 1."""
+    """Larger is better: AUCs as they are, logloss negated, calibration (before and after the
+    odds correction) by its distance to 1."""
     metric = column.rsplit("/", 1)[-1]
-    if metric == "calibration":
+    if metric in ("calibration", "calibration_corrected"):
         return -abs(math.log(value)) if value > 0 else -math.inf
     try:
         return value if default_direction(metric) == "max" else -value
