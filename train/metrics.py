@@ -5,8 +5,8 @@ runs on whatever device its inputs live on.  The only approximation is XAUC on l
 where a seeded, stated number of pairs is sampled.
 
 Functional API (1-D inputs of equal length, 0-dim float64 results, NaN when undefined):
-:func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`xauc`, :func:`calibration`,
-:func:`logloss`.  Metric classes for accumulation and DDP sync: :class:`GroupAUC`,
+:func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`ndcg`, :func:`grouped_ndcg`,
+:func:`xauc`, :func:`calibration`, :func:`logloss`.  Metric classes for accumulation and DDP sync: :class:`GroupAUC`,
 :class:`XAUC`, :class:`BehaviourMetrics`.
 
 Longer than 450 lines because the Metric classes must give exactly the functional results once
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from train.weights import WeightScheme
+
 __all__ = [
     "XAUC",
     "BehaviourMetrics",
@@ -32,7 +34,10 @@ __all__ = [
     "calibration",
     "gauc",
     "grouped_auc",
+    "grouped_ndcg",
     "logloss",
+    "ndcg",
+    "scheme_gains",
     "xauc",
 ]
 
@@ -63,23 +68,15 @@ def _nan(device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
-    """1-based rank of every score within its group, ties sharing their average rank.
+def _tie_blocks(g: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last sorted position of the tie block of every row of rows sorted by
+    (group ``g``, score ``s``).
 
-    Returned in the input row order (float64; half-integers, so sums stay exact), NaN where the
-    score is NaN.  ``inverse`` holds dense group indices in ``[0, n_groups)``.
+    Tie blocks are runs of equal (group, score); a group change always opens a new block so
+    that ties are never shared across groups.
     """
-    n = scores.numel()
-    device = scores.device
-    order = torch.argsort(scores, stable=True)
-    if n_groups > 1:
-        # A stable sort by group after a sort by score is a lexicographic sort by (group, score).
-        order = order[torch.argsort(inverse[order], stable=True)]
-    g = inverse[order]
-    s = scores[order]
-
-    # Tie blocks are runs of equal (group, score); a group change always opens a new block so
-    # that ties are never shared across groups.
+    n = g.numel()
+    device = g.device
     starts = torch.ones(n, dtype=torch.bool, device=device)
     starts[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
     ends = torch.ones(n, dtype=torch.bool, device=device)
@@ -87,10 +84,35 @@ def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
     pos = torch.arange(n, device=device)
     first = torch.cummax(torch.where(starts, pos, 0), 0).values
     last = torch.cummin(torch.where(ends, pos, n - 1).flip(0), 0).values.flip(0)
+    return first, last
 
-    counts = torch.zeros(n_groups, dtype=torch.long, device=device)
+
+def _group_starts(inverse: Tensor, n_groups: int) -> Tensor:
+    """Sorted position of every group's first row once rows are sorted by group index."""
+    counts = torch.zeros(n_groups, dtype=torch.long, device=inverse.device)
     counts.scatter_add_(0, inverse, torch.ones_like(inverse))
-    group_start = torch.cumsum(counts, 0) - counts
+    return torch.cumsum(counts, 0) - counts
+
+
+def _sort_by_group(keys: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """The permutation sorting rows by (group, key ascending), stable."""
+    order = torch.argsort(keys, stable=True)
+    if n_groups > 1:
+        # A stable sort by group after a sort by key is a lexicographic sort by (group, key).
+        order = order[torch.argsort(inverse[order], stable=True)]
+    return order
+
+
+def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """1-based rank of every score within its group, ties sharing their average rank.
+
+    Returned in the input row order (float64; half-integers, so sums stay exact), NaN where the
+    score is NaN.  ``inverse`` holds dense group indices in ``[0, n_groups)``.
+    """
+    order = _sort_by_group(scores, inverse, n_groups)
+    g = inverse[order]
+    first, last = _tie_blocks(g, scores[order])
+    group_start = _group_starts(inverse, n_groups)
 
     rank_sorted = (first + last).to(torch.float64) / 2 - group_start[g].to(torch.float64) + 1
     ranks = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
@@ -163,6 +185,96 @@ def gauc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     group does.
     """
     return _weighted_gauc(*grouped_auc(preds, target, groups))
+
+
+# --------------------------------------------------------------------------------------------
+# NDCG@k per group
+# --------------------------------------------------------------------------------------------
+
+
+def _discount_sums(k: int, device: torch.device) -> Tensor:
+    """``D[m] = Σ_{j<m} 1 / log2(j + 2)`` for ``m`` in ``[0, k]``: the discount of the 0-based
+    positions ``[a, b)`` within the top k is ``D[min(b, k)] - D[min(a, k)]``."""
+    table = torch.zeros(k + 1, dtype=torch.float64, device=device)
+    positions = torch.arange(k, dtype=torch.float64, device=device)
+    table[1:] = torch.cumsum(1.0 / torch.log2(positions + 2), 0)
+    return table
+
+
+def _ndcg_per_group(
+    scores: Tensor, gains: Tensor, inverse: Tensor, n_groups: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """NDCG@k of every group and whether it counts (ideal DCG > 0); see :func:`ndcg`."""
+    device = scores.device
+    table = _discount_sums(k, device)
+    group_start = _group_starts(inverse, n_groups)
+
+    def per_group(g: Tensor, values: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=torch.float64, device=device).scatter_add_(0, g, values)
+
+    # DCG by descending score.  A tie block spanning positions [first, last] gives each of its
+    # rows the block's summed discount over its size: the block's mean gain times the discounts
+    # of the positions it occupies, i.e. the mean over every order of the tied rows.
+    order = _sort_by_group(-scores, inverse, n_groups)
+    g = inverse[order]
+    first, last = _tie_blocks(g, scores[order])
+    offset = group_start[g]
+    discount = table[(last - offset + 1).clamp(max=k)] - table[(first - offset).clamp(max=k)]
+    dcg = per_group(g, gains[order] * discount / (last - first + 1).to(torch.float64))
+
+    # Ideal DCG: the gains themselves sorted descending (their ties do not change the sum).
+    order = _sort_by_group(-gains, inverse, n_groups)
+    g = inverse[order]
+    position = (torch.arange(len(order), device=device) - group_start[g]).to(torch.float64)
+    ideal_discount = torch.where(position < k, 1.0 / torch.log2(position + 2.0), 0.0)
+    ideal = per_group(g, gains[order] * ideal_discount)
+
+    counts = ideal > 0
+    has_nan = per_group(inverse, torch.isnan(scores).to(torch.float64)) > 0
+    # NaN scores sort last and break no tie: their group's value would be arbitrary, so NaN.
+    value = torch.where(
+        counts & ~has_nan, dcg / ideal.clamp_min(torch.finfo(torch.float64).tiny), math.nan
+    )
+    return value, counts
+
+
+def grouped_ndcg(
+    preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10
+) -> tuple[Tensor, Tensor]:
+    """NDCG@k of every group (see :func:`ndcg`), in ``torch.unique`` (ascending id) order.
+
+    Returns:
+        ``(ndcg_per_group, counts)``: float64 values (NaN for groups without a positive gain or
+        with a NaN score) and a bool mask of the groups with a positive gain.
+    """
+    _check_1d(preds=preds, gains=gains, groups=groups)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    uniq, inverse = torch.unique(groups, return_inverse=True)
+    return _ndcg_per_group(
+        preds.to(torch.float64), gains.to(torch.float64), inverse, uniq.numel(), k
+    )
+
+
+def ndcg(preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10) -> Tensor:
+    """Mean NDCG@k over the groups (users) holding at least one row with ``gain > 0``.
+
+    Within a group, rows are ranked by ``preds`` descending; DCG@k = Σ gain · 1/log2(rank + 1)
+    over ranks 1..k, divided by the ideal DCG@k (the gains sorted descending).  Gains must be
+    >= 0.  Tied scores get the mean DCG over every order of the tied rows (each tied row takes
+    the block's mean gain), which is ``sklearn.metrics.ndcg_score`` with ``ignore_ties=False``
+    and makes the value independent of row order.  Groups without a positive gain have no ideal
+    ranking and are left out (not counted as 0 or 1); NaN if no group has one, or if a counted
+    group has a NaN score.
+    """
+    value, counts = grouped_ndcg(preds, gains, groups, k)
+    return _mean_ndcg(value, counts)
+
+
+def _mean_ndcg(value: Tensor, counts: Tensor) -> Tensor:
+    n = counts.sum()
+    total = torch.where(counts, value, 0.0).sum()
+    return torch.where(n > 0, total / n.clamp_min(1), math.nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,11 +442,16 @@ class BehaviourMetrics(CatMetric):
     * continuous behaviour ``c``: ``c/xauc`` against its values and ``c/auc`` against
       ``value > 0``;
     * the label additionally ``label/logloss`` and ``label/calibration`` (target ``value > 0``);
+    * ``<label>/ndcg@<k>`` (:func:`ndcg` within ``groups``, ``ndcg_k``; None: not computed) with
+      gain ``label > 0``; with a scheme as ``ndcg_gain``, ``<its label>/ndcg_<its name>@<k>``
+      with the scheme's weight as the gain of its positives and 0 for every other row (see
+      :func:`scheme_gains`);
     * for every behaviour named in ``oracle``, the same metrics computed from the oracle score
       as ``b/oracle_<metric>``: ``oracle_auc`` of a continuous behaviour ranks by
       ``oracle_positive`` where given, else by the oracle expectation; ``oracle_xauc`` by the
       oracle expectation; the label's ``oracle_logloss`` / ``oracle_calibration`` use the
-      oracle probability (for a continuous label that is ``oracle_positive``; NaN without it).
+      oracle probability (for a continuous label that is ``oracle_positive``; NaN without it);
+      ``oracle_ndcg...`` ranks by the oracle column of the gain's label.
 
     AUC and GAUC are exact, so every row of the split is kept in memory (one float64 row of
     score, behaviours and oracle columns plus the int64 group id) until :meth:`reset`; that is
@@ -355,6 +472,8 @@ class BehaviourMetrics(CatMetric):
         oracle: Sequence[str] = (),
         xauc_pairs: int = 1_000_000,
         seed: int = 0,
+        ndcg_k: int | None = 10,
+        ndcg_gain: WeightScheme | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -378,6 +497,14 @@ class BehaviourMetrics(CatMetric):
             raise ValueError(f"label {label!r} not among behaviours {list(self.behaviours)}")
         if xauc_pairs < 1:
             raise ValueError(f"xauc_pairs must be positive, got {xauc_pairs}")
+        if ndcg_k is not None and (
+            isinstance(ndcg_k, bool) or not isinstance(ndcg_k, int) or ndcg_k < 1
+        ):
+            raise ValueError(f"ndcg_k must be an integer >= 1 or None, got {ndcg_k!r}")
+        if ndcg_gain is not None:
+            ndcg_gain.check_behaviours(self.behaviours)
+        self.ndcg_k = ndcg_k
+        self.ndcg_gain = ndcg_gain
 
         # Stored row layout: [probs | behaviours (K) | oracle (M) | oracle_positive of the
         # continuous oracle behaviours (NaN where not given)].
@@ -484,5 +611,41 @@ class BehaviourMetrics(CatMetric):
                 if name == self.label:
                     out[key + "logloss"] = logloss(prob, values)
                     out[key + "calibration"] = calibration(prob, values)
+        if self.ndcg_k is not None:
+            out |= self._ndcg(rows, inverse, n_groups)
         # One device-to-host transfer instead of one sync per metric.
         return dict(zip(out, torch.stack(list(out.values())).cpu().tolist(), strict=True))
+
+    def _ndcg(self, rows: Tensor, inverse: Tensor, n_groups: int) -> dict[str, Tensor]:
+        assert self.ndcg_k is not None
+        k, behaviours = len(self.behaviours), rows[:, 1 : 1 + len(self.behaviours)]
+        if self.ndcg_gain is None:
+            label, name = self.label, f"ndcg@{self.ndcg_k}"
+            gains = (behaviours[:, self.behaviours.index(label)] > 0).to(torch.float64)
+        else:
+            label = self.ndcg_gain.label
+            name = f"ndcg_{self.ndcg_gain.name}@{self.ndcg_k}"
+            gains = scheme_gains(self.ndcg_gain, behaviours, self.behaviours)
+        columns = {"": 0}
+        if label in self.oracle:
+            columns["oracle_"] = 1 + k + self.oracle.index(label)
+        return {
+            f"{label}/{prefix}{name}": _mean_ndcg(
+                *_ndcg_per_group(rows[:, col], gains, inverse, n_groups, self.ndcg_k)
+            )
+            for prefix, col in columns.items()
+        }
+
+
+def scheme_gains(scheme: WeightScheme, behaviours: Tensor, names: Sequence[str]) -> Tensor:
+    """NDCG gains from a weight scheme: a positive's weight (``scheme.label > 0``: click 1,
+    finish 3 more, long watch 5 more under ``seed``), 0 for every other row.
+
+    "Positive" is the scheme's own: its label > 0, the rows its terms weigh in training. A row
+    whose label is 0 gains nothing even if a term would read a value there (a finish without a
+    click): the scheme gives such a row its negative weight, not a graded one, so counting it
+    here would grade rows the training never grades.  Unnormalised (``normalize: mean`` only
+    scales every gain, which NDCG does not see)."""
+    positive = behaviours[:, list(names).index(scheme.label)] > 0
+    weights = scheme.weights(behaviours, names).to(torch.float64)
+    return torch.where(positive, weights, 0.0)
