@@ -17,7 +17,7 @@ halves are read and changed together.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,10 +87,14 @@ def _tie_blocks(g: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     return first, last
 
 
+def _group_sizes(inverse: Tensor, n_groups: int) -> Tensor:
+    counts = torch.zeros(n_groups, dtype=torch.long, device=inverse.device)
+    return counts.scatter_add_(0, inverse, torch.ones_like(inverse))
+
+
 def _group_starts(inverse: Tensor, n_groups: int) -> Tensor:
     """Sorted position of every group's first row once rows are sorted by group index."""
-    counts = torch.zeros(n_groups, dtype=torch.long, device=inverse.device)
-    counts.scatter_add_(0, inverse, torch.ones_like(inverse))
+    counts = _group_sizes(inverse, n_groups)
     return torch.cumsum(counts, 0) - counts
 
 
@@ -103,21 +107,31 @@ def _sort_by_group(keys: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
     return order
 
 
-def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
-    """1-based rank of every score within its group, ties sharing their average rank.
-
-    Returned in the input row order (float64; half-integers, so sums stay exact), NaN where the
-    score is NaN.  ``inverse`` holds dense group indices in ``[0, n_groups)``.
-    """
+def _tie_positions(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """[rows, 2] int64: the 0-based ascending positions within its group of the first and the
+    last row of every row's tie block, in the input row order; the one sort that AUC, GAUC and
+    NDCG share.  ``inverse`` holds dense group indices in ``[0, n_groups)``."""
     order = _sort_by_group(scores, inverse, n_groups)
     g = inverse[order]
     first, last = _tie_blocks(g, scores[order])
-    group_start = _group_starts(inverse, n_groups)
+    start = _group_starts(inverse, n_groups)[g]
+    sorted_positions = torch.stack([first - start, last - start], dim=1)
+    index = order[:, None].expand(-1, 2)
+    return torch.empty_like(sorted_positions).scatter_(0, index, sorted_positions)
 
-    rank_sorted = (first + last).to(torch.float64) / 2 - group_start[g].to(torch.float64) + 1
-    ranks = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+
+def _ranks_from_positions(positions: Tensor, scores: Tensor) -> Tensor:
+    """1-based rank of every score within its group, ties sharing their average rank (float64;
+    half-integers, so sums stay exact), NaN where the score is NaN."""
+    ranks = positions.sum(1).to(torch.float64) / 2 + 1
     # NaN compares unequal to itself, so NaN rows got arbitrary ranks; make that visible instead.
     return torch.where(torch.isnan(scores), math.nan, ranks)
+
+
+def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """1-based rank of every score within its group, ties sharing their average rank, in the
+    input row order (see :func:`_ranks_from_positions`)."""
+    return _ranks_from_positions(_tie_positions(scores, inverse, n_groups), scores)
 
 
 def _auc_from_ranks(
@@ -202,35 +216,53 @@ def _discount_sums(k: int, device: torch.device) -> Tensor:
 
 
 def _ndcg_per_group(
-    scores: Tensor, gains: Tensor, inverse: Tensor, n_groups: int, k: int
+    positions: Tensor, scores: Tensor, gains: Tensor, inverse: Tensor, n_groups: int, k: int
 ) -> tuple[Tensor, Tensor]:
-    """NDCG@k of every group and whether it counts (ideal DCG > 0); see :func:`ndcg`."""
+    """NDCG@k of every group and whether it counts (ideal DCG > 0), from the scores' ascending
+    tie positions (:func:`_tie_positions`); see :func:`ndcg`.
+
+    Only rows with a positive gain add to DCG and ideal DCG, so past one pass over the rows
+    everything runs on those (a few percent of a feed): the sort of the scores is the one GAUC
+    already made."""
     device = scores.device
     table = _discount_sums(k, device)
-    group_start = _group_starts(inverse, n_groups)
 
     def per_group(g: Tensor, values: Tensor) -> Tensor:
         return torch.zeros(n_groups, dtype=torch.float64, device=device).scatter_add_(0, g, values)
 
-    # DCG by descending score.  A tie block spanning positions [first, last] gives each of its
-    # rows the block's summed discount over its size: the block's mean gain times the discounts
-    # of the positions it occupies, i.e. the mean over every order of the tied rows.
-    order = _sort_by_group(-scores, inverse, n_groups)
-    g = inverse[order]
-    first, last = _tie_blocks(g, scores[order])
-    offset = group_start[g]
-    discount = table[(last - offset + 1).clamp(max=k)] - table[(first - offset).clamp(max=k)]
-    dcg = per_group(g, gains[order] * discount / (last - first + 1).to(torch.float64))
+    chosen = torch.nonzero(gains > 0).squeeze(1)
+    gain, g = gains[chosen], inverse[chosen]
+    # DCG by descending score: a tie block at ascending positions [first, last] of a group of n
+    # rows sits at descending positions [n-1-last, n-1-first].  Each of its rows takes the
+    # block's summed discount over its size: the block's mean gain times the discounts of the
+    # positions it occupies, i.e. the mean over every order of the tied rows.
+    size = _group_sizes(inverse, n_groups)[g]
+    first, last = positions[chosen].unbind(1)
+    discount = table[(size - first).clamp(max=k)] - table[(size - 1 - last).clamp(max=k)]
+    dcg = per_group(g, gain * discount / (last - first + 1).to(torch.float64))
 
-    # Ideal DCG: the gains themselves sorted descending (their ties do not change the sum).
-    order = _sort_by_group(-gains, inverse, n_groups)
-    g = inverse[order]
-    position = (torch.arange(len(order), device=device) - group_start[g]).to(torch.float64)
-    ideal_discount = torch.where(position < k, 1.0 / torch.log2(position + 2.0), 0.0)
-    ideal = per_group(g, gains[order] * ideal_discount)
+    # Ideal DCG: the positive gains sorted descending within their group.
+    if len(gain) == 0 or bool((gain == gain[0]).all()):
+        # One gain value (binary relevance): the first min(positives, k) discounts, no sort.
+        positives = per_group(g, torch.ones_like(gain)).to(torch.long)
+        ideal = table[positives.clamp(max=k)] * (gain[0] if len(gain) else 0.0)
+    else:
+        order = torch.argsort(-gain, stable=True)
+        # By group as float64 (exact below 2**53 groups): torch's CPU stable sort of int64
+        # keys costs ~0.3 s however few the rows.
+        order = order[torch.argsort(g[order].to(torch.float64), stable=True)]
+        g_sorted = g[order]
+        position = torch.arange(len(order), device=device) - _group_starts(g, n_groups)[g_sorted]
+        position = position.to(torch.float64)
+        ideal_discount = torch.where(position < k, 1.0 / torch.log2(position + 2.0), 0.0)
+        ideal = per_group(g_sorted, gain[order] * ideal_discount)
 
     counts = ideal > 0
-    has_nan = per_group(inverse, torch.isnan(scores).to(torch.float64)) > 0
+    nan_rows = torch.nonzero(torch.isnan(scores)).squeeze(1)
+    has_nan = (
+        per_group(inverse[nan_rows], torch.ones(len(nan_rows), dtype=torch.float64, device=device))
+        > 0
+    )
     # NaN scores sort last and break no tie: their group's value would be arbitrary, so NaN.
     value = torch.where(
         counts & ~has_nan, dcg / ideal.clamp_min(torch.finfo(torch.float64).tiny), math.nan
@@ -251,9 +283,9 @@ def grouped_ndcg(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     uniq, inverse = torch.unique(groups, return_inverse=True)
-    return _ndcg_per_group(
-        preds.to(torch.float64), gains.to(torch.float64), inverse, uniq.numel(), k
-    )
+    scores = preds.to(torch.float64)
+    positions = _tie_positions(scores, inverse, uniq.numel())
+    return _ndcg_per_group(positions, scores, gains.to(torch.float64), inverse, uniq.numel(), k)
 
 
 def ndcg(preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10) -> Tensor:
@@ -565,16 +597,21 @@ class BehaviourMetrics(CatMetric):
         single = torch.zeros_like(inverse)
 
         # Ranks depend only on the score, so they are computed once per score column and
-        # reused for every behaviour evaluated against it.
+        # reused for every behaviour evaluated against it (and, within groups, by NDCG).
+        position_cache: dict[tuple[int, bool], Tensor] = {}
         rank_cache: dict[tuple[int, bool], Tensor] = {}
+
+        def positions(col: int, grouped: bool) -> Tensor:
+            if (col, grouped) not in position_cache:
+                by = (inverse, n_groups) if grouped else (single, 1)
+                position_cache[col, grouped] = _tie_positions(rows[:, col], *by)
+            return position_cache[col, grouped]
 
         def ranks(col: int, grouped: bool) -> Tensor:
             if (col, grouped) not in rank_cache:
-                score = rows[:, col]
-                if grouped:
-                    rank_cache[col, grouped] = _average_ranks(score, inverse, n_groups)
-                else:
-                    rank_cache[col, grouped] = _average_ranks(score, single, 1)
+                rank_cache[col, grouped] = _ranks_from_positions(
+                    positions(col, grouped), rows[:, col]
+                )
             return rank_cache[col, grouped]
 
         def auc_of(col: int, positive: Tensor) -> Tensor:
@@ -612,11 +649,13 @@ class BehaviourMetrics(CatMetric):
                     out[key + "logloss"] = logloss(prob, values)
                     out[key + "calibration"] = calibration(prob, values)
         if self.ndcg_k is not None:
-            out |= self._ndcg(rows, inverse, n_groups)
+            out |= self._ndcg(rows, inverse, n_groups, lambda col: positions(col, True))
         # One device-to-host transfer instead of one sync per metric.
         return dict(zip(out, torch.stack(list(out.values())).cpu().tolist(), strict=True))
 
-    def _ndcg(self, rows: Tensor, inverse: Tensor, n_groups: int) -> dict[str, Tensor]:
+    def _ndcg(
+        self, rows: Tensor, inverse: Tensor, n_groups: int, positions: Callable[[int], Tensor]
+    ) -> dict[str, Tensor]:
         assert self.ndcg_k is not None
         k, behaviours = len(self.behaviours), rows[:, 1 : 1 + len(self.behaviours)]
         if self.ndcg_gain is None:
@@ -631,7 +670,9 @@ class BehaviourMetrics(CatMetric):
             columns["oracle_"] = 1 + k + self.oracle.index(label)
         return {
             f"{label}/{prefix}{name}": _mean_ndcg(
-                *_ndcg_per_group(rows[:, col], gains, inverse, n_groups, self.ndcg_k)
+                *_ndcg_per_group(
+                    positions(col), rows[:, col], gains, inverse, n_groups, self.ndcg_k
+                )
             )
             for prefix, col in columns.items()
         }
