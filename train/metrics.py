@@ -292,8 +292,8 @@ def ndcg(preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10) -> Tensor:
     """Mean NDCG@k over the groups (users) holding at least one row with ``gain > 0``.
 
     Within a group, rows are ranked by ``preds`` descending; DCG@k = Σ gain · 1/log2(rank + 1)
-    over ranks 1..k, divided by the ideal DCG@k (the gains sorted descending).  Gains must be
-    >= 0.  Tied scores get the mean DCG over every order of the tied rows (each tied row takes
+    over ranks 1..k, divided by the ideal DCG@k (the gains sorted descending).  Only rows
+    with ``gain > 0`` add to either (a negative gain counts as 0; sklearn refuses one).  Tied scores get the mean DCG over every order of the tied rows (each tied row takes
     the block's mean gain), which is ``sklearn.metrics.ndcg_score`` with ``ignore_ties=False``
     and makes the value independent of row order.  Groups without a positive gain have no ideal
     ranking and are left out (not counted as 0 or 1); NaN if no group has one, or if a counted
