@@ -293,9 +293,10 @@ def ndcg(preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10) -> Tensor:
 
     Within a group, rows are ranked by ``preds`` descending; DCG@k = Σ gain · 1/log2(rank + 1)
     over ranks 1..k, divided by the ideal DCG@k (the gains sorted descending).  Only rows
-    with ``gain > 0`` add to either (a negative gain counts as 0; sklearn refuses one).  Tied scores get the mean DCG over every order of the tied rows (each tied row takes
-    the block's mean gain), which is ``sklearn.metrics.ndcg_score`` with ``ignore_ties=False``
-    and makes the value independent of row order.  Groups without a positive gain have no ideal
+    with ``gain > 0`` add to either (a negative gain counts as 0; sklearn refuses one).  Tied
+    scores get the mean DCG over every order of the tied rows (each tied row takes the block's
+    mean gain), which is ``sklearn.metrics.ndcg_score`` with ``ignore_ties=False`` and makes
+    the value independent of row order.  Groups without a positive gain have no ideal
     ranking and are left out (not counted as 0 or 1); NaN if no group has one, or if a counted
     group has a NaN score.
     """
