@@ -7,8 +7,7 @@ where a seeded, stated number of pairs is sampled.
 Functional API (1-D inputs of equal length, 0-dim float64 results, NaN when undefined):
 :func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`ndcg`, :func:`grouped_ndcg`,
 :func:`xauc`, :func:`calibration`, :func:`logloss`.  Metric classes for accumulation and DDP
-sync: :class:`GroupAUC`,
-:class:`XAUC`, :class:`BehaviourMetrics`.
+sync: :class:`GroupAUC`, :class:`XAUC`, :class:`BehaviourMetrics`.
 
 Longer than 450 lines because the Metric classes must give exactly the functional results once
 gathered over ranks (the report recomputes them from saved predictions and compares): the two
