@@ -42,6 +42,7 @@ def expected_keys() -> set[str]:
             f"{split}/click/{m}"
             for m in ("logloss", "calibration", "oracle_logloss", "oracle_calibration")
         }
+        keys |= {f"{split}/click/ndcg@10", f"{split}/click/oracle_ndcg@10"}
     return keys
 
 

@@ -27,8 +27,10 @@ from train.metrics import (
     gauc,
     grouped_auc,
     logloss,
+    ndcg,
     xauc,
 )
+from train.weights import build_scheme
 
 BEHAVIOURS = ("click", "like", "watch_time")
 CONTINUOUS = ("watch_time",)
@@ -300,6 +302,7 @@ EXPECTED_KEYS = {
     "like/gauc",
     "watch_time/xauc",
     "watch_time/auc",
+    "click/ndcg@10",
 }
 EXPECTED_ORACLE_KEYS = {
     "click/oracle_auc",
@@ -308,6 +311,7 @@ EXPECTED_ORACLE_KEYS = {
     "click/oracle_calibration",
     "watch_time/oracle_xauc",
     "watch_time/oracle_auc",
+    "click/oracle_ndcg@10",
 }
 
 
@@ -328,6 +332,7 @@ def test_behaviour_metrics_keys_and_values_without_oracle() -> None:
         "like/gauc": gauc(probs, like, groups),
         "watch_time/xauc": xauc(probs, watch),
         "watch_time/auc": auc(probs, watch),
+        "click/ndcg@10": ndcg(probs, click > 0, groups),
     }
     fitted = OddsCorrection.fit(probs, click, "click")
     expected["click/odds_factor"] = torch.tensor(fitted.odds_factor, dtype=torch.float64)
@@ -353,6 +358,7 @@ def test_behaviour_metrics_oracle_values() -> None:
         "click/oracle_calibration": calibration(o_click, click),
         "watch_time/oracle_xauc": xauc(o_watch, watch),
         "watch_time/oracle_auc": auc(o_watch_pos, watch),
+        "click/oracle_ndcg@10": ndcg(o_click, click > 0, groups),
     }
     for key, value in expected.items():
         _assert_same(out[key], value.item())
@@ -477,6 +483,7 @@ import datetime, pickle, sys
 import torch
 import torch.distributed as dist
 from train.metrics import BehaviourMetrics, GroupAUC
+from train.weights import build_scheme
 
 rank, world, port, data_path, out_path, split, pairs = sys.argv[1:]
 rank, world, split, pairs = int(rank), int(world), int(split), int(pairs)
@@ -488,13 +495,18 @@ dist.init_process_group(
     timeout=datetime.timedelta(seconds=60),
 )
 
+GAIN = build_scheme(label="click", terms=[{"behaviour": "like", "coef": 3}], name="graded")
+
 def run(parts):
     beh = BehaviourMetrics(behaviours, continuous, label, oracle, xauc_pairs=pairs)
+    graded = BehaviourMetrics(behaviours, continuous, label, ndcg_k=5, ndcg_gain=GAIN)
     group_auc = GroupAUC()
     for part in parts:
         beh.update(**part)
+        graded.update(part["probs"], part["behaviours"], part["groups"])
         group_auc.update(part["probs"], part["behaviours"][:, 1], part["groups"])
-    return {**beh.compute(), "group_auc": group_auc.compute().item()}
+    ndcg = graded.compute()["click/ndcg_graded@5"]
+    return {**beh.compute(), "group_auc": group_auc.compute().item(), "graded": ndcg}
 
 start, stop = [(0, split), (split, None)][rank]
 uneven = run([{k: v[start:stop] for k, v in data.items()}])
@@ -545,8 +557,17 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
     beh.update(**data)
     group_auc = GroupAUC()
     group_auc.update(data["probs"], data["behaviours"][:, 1], data["groups"])
-    expected = {**beh.compute(), "group_auc": group_auc.compute().item()}
+    gain = build_scheme(label="click", terms=[{"behaviour": "like", "coef": 3}], name="graded")
+    graded = BehaviourMetrics(BEHAVIOURS, CONTINUOUS, LABEL, ndcg_k=5, ndcg_gain=gain)
+    graded.update(data["probs"], data["behaviours"], data["groups"])
+    expected = {
+        **beh.compute(),
+        "group_auc": group_auc.compute().item(),
+        "graded": graded.compute()["click/ndcg_graded@5"],
+    }
     assert "watch_time/xauc" in expected and not math.isnan(expected["click/gauc"])
+    # ndcg@k is computed from the gathered rows: the uneven and empty shards give it exactly
+    assert not math.isnan(expected["click/ndcg@10"]) and not math.isnan(expected["graded"])
     for rank in range(2):
         uneven, empty = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         _assert_same_dict(uneven, expected, tol=1e-9)

@@ -18,9 +18,10 @@ from tests.helpers import (
     trained_run,
     write_checkpoint,
 )
-from train import heads
+from train import heads, weights
 from train.checkpoint import load
 from train.layout import PREDICTIONS_FILE
+from train.metrics import ndcg, scheme_gains
 from train.model import MultiHead
 from train.report import build_report, draw_pareto, find_runs, fusion, scheme_rows, write_report
 
@@ -94,6 +95,7 @@ def run(tmp_path_factory) -> Path:
         "model.fusion={click: 1, finish: 0.5, watch_time: 0.25}",
         "model.hidden=[64]",  # a shared trunk as well as the towers
         "model.head_hidden=[16]",
+        "metrics.ndcg_gain=seed",  # graded NDCG gains: a finish counts more than a click
         output_dir=folder / "run",
     )
     return folder / "run"
@@ -138,6 +140,15 @@ def test_sweep_reproduces_the_runs_own_metrics_exactly(run):
         assert alone[f"{head}/auc"] == metrics[f"test/{head}/head_auc"]
     alone = fusion.fusion_metrics(pred, {"watch_time": 1.0})
     assert alone["watch_time/xauc"] == metrics["test/watch_time/head_xauc"]
+    # NDCG ranks each user's rows by the fused score, with the seed scheme's gains
+    fused = heads.fused_score(pred.probs, [pred.fusion.get(h, 0.0) for h in pred.heads])
+    gains = scheme_gains(weights.gain_scheme("seed"), pred.values, pred.behaviours)
+    assert {k for k in metrics if "ndcg" in k} == {
+        f"{split}/click/{m}@10"
+        for split in ("val", "test")
+        for m in ("ndcg_seed", "oracle_ndcg_seed")
+    }
+    assert metrics["test/click/ndcg_seed@10"] == ndcg(fused, gains, pred.groups, 10).item()
 
 
 @pytest.mark.e2e

@@ -28,7 +28,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from train.errors import ConfigError, UpweightError
-from train.layout import METRICS
+from train.layout import METRICS, NDCG_METRIC
 
 Rule = tuple[Callable[[Any], bool], str]
 """(test, what was expected): the domain of one key."""
@@ -166,6 +166,8 @@ RULES: dict[str, Rule] = {
     "init_schedule.floor": number(0.0, 1.0),
     "nonfinite": one_of("stop", "skip"),
     "xauc_pairs": integer(1),
+    "metrics.ndcg_k": integer(1),
+    "metrics.ndcg_gain": optional(text()),
     "paths.output_dir": text(),
     # 0 trains nothing: the run evaluates the model it starts with (e.g. an init_from).
     "trainer.max_epochs": either(integer(0), (lambda v: v == -1, "-1 (no limit)")),
@@ -256,10 +258,28 @@ def check(config: Mapping[str, Any]) -> None:
             "expected min_epochs <= max_epochs"
         )
     check_seams(config)
+    check_ndcg_gain(config)
     check_monitor(config)
     found, output_dir = lookup(config, "paths.output_dir")
     if found:
         check_output_dir(str(output_dir))
+
+
+def check_ndcg_gain(config: Mapping[str, Any]) -> None:
+    """`metrics.ndcg_gain` names a weight scheme (composed as `weights=<name>` is) whose
+    behaviours the data declares."""
+    from train.weights import SchemeError, gain_scheme
+
+    found, name = lookup(config, "metrics.ndcg_gain")
+    if not found or name is None:
+        return
+    scheme = gain_scheme(name)
+    found, behaviours = lookup(config, "data.behaviours")
+    if scheme is not None and found and isinstance(behaviours, Mapping) and behaviours:
+        try:
+            scheme.check_behaviours([str(b) for b in behaviours])
+        except SchemeError as err:
+            raise SchemeError(f"metrics.ndcg_gain={name!r}: {err}") from err
 
 
 def check_monitor(config: Mapping[str, Any]) -> None:
@@ -268,10 +288,17 @@ def check_monitor(config: Mapping[str, Any]) -> None:
     if not isinstance(monitor, str):
         return
     _, behaviour, metric = monitor.split("/")
-    if metric not in METRIC_NAMES:
+    ndcg = NDCG_METRIC.fullmatch(metric.removeprefix("oracle_"))
+    if metric not in METRIC_NAMES and not ndcg:
         raise ConfigError(
-            f"monitor={monitor}: expected a metric name among {list(METRIC_NAMES)} after "
-            f"val/{behaviour}/"
+            f"monitor={monitor}: expected a metric name among {list(METRIC_NAMES)} "
+            f"or ndcg@<k> after val/{behaviour}/"
+        )
+    found, k = lookup(config, "metrics.ndcg_k")
+    if ndcg and found and is_int(k) and not metric.endswith(f"@{k}"):
+        raise ConfigError(
+            f"monitor={monitor} with metrics.ndcg_k={k}: expected a name ending in @{k} "
+            "(the run logs NDCG at that k only)"
         )
     found, behaviours = lookup(config, "data.behaviours")
     if found and isinstance(behaviours, Mapping) and behaviours and behaviour not in behaviours:
@@ -279,7 +306,7 @@ def check_monitor(config: Mapping[str, Any]) -> None:
             f"monitor={monitor}: expected a behaviour of data.behaviours "
             f"{[str(b) for b in behaviours]} after val/"
         )
-    better = BETTER.get(metric.removeprefix("oracle_").removeprefix("head_"))
+    better = "max" if ndcg else BETTER.get(metric.removeprefix("oracle_").removeprefix("head_"))
     if better is not None and mode in ("min", "max") and mode != better:
         raise ConfigError(
             f"monitor_mode={mode} with monitor={monitor}: expected monitor_mode={better} "

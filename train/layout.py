@@ -13,6 +13,7 @@ A leaf module: it imports nothing from `train`, so anything may import it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ WARM_START_CANDIDATES = (FIRST_EPOCH_CHECKPOINT, BEST_CHECKPOINT, LAST_CHECKPOIN
 METRICS = ("auc", "gauc", "xauc", "logloss", "calibration", "calibration_corrected")
 """The per-behaviour metrics a run reports (`<split>/<behaviour>/<metric>`, and `oracle_<metric>`
 on simulated data), in the order tables show them."""
+NDCG_METRIC = re.compile(r"ndcg(_[^/@]+)?@\d+")
+"""`ndcg@<k>`, or `ndcg_<scheme>@<k>` with graded gains (`metrics.ndcg_k`, `metrics.ndcg_gain`):
+per-user NDCG, logged under the label of its gain (train.metrics.BehaviourMetrics)."""
 
 ARTIFACT_FORMAT = 1
 """`checkpoint["upweight"]["format"]`: the layout of what a checkpoint carries besides tensors

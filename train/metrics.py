@@ -5,9 +5,9 @@ runs on whatever device its inputs live on.  The only approximation is XAUC on l
 where a seeded, stated number of pairs is sampled.
 
 Functional API (1-D inputs of equal length, 0-dim float64 results, NaN when undefined):
-:func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`xauc`, :func:`calibration`,
-:func:`logloss`.  Metric classes for accumulation and DDP sync: :class:`GroupAUC`,
-:class:`XAUC`, :class:`BehaviourMetrics`.
+:func:`auc`, :func:`grouped_auc`, :func:`gauc`, :func:`ndcg`, :func:`grouped_ndcg`,
+:func:`xauc`, :func:`calibration`, :func:`logloss`.  Metric classes for accumulation and DDP
+sync: :class:`GroupAUC`, :class:`XAUC`, :class:`BehaviourMetrics`.
 
 Longer than 450 lines because the Metric classes must give exactly the functional results once
 gathered over ranks (the report recomputes them from saved predictions and compares): the two
@@ -17,7 +17,7 @@ halves are read and changed together.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from train.calibration import OddsCorrection
+from train.weights import WeightScheme
 
 __all__ = [
     "XAUC",
@@ -34,7 +35,10 @@ __all__ = [
     "calibration",
     "gauc",
     "grouped_auc",
+    "grouped_ndcg",
     "logloss",
+    "ndcg",
+    "scheme_gains",
     "xauc",
 ]
 
@@ -65,23 +69,15 @@ def _nan(device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
-    """1-based rank of every score within its group, ties sharing their average rank.
+def _tie_blocks(g: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last sorted position of the tie block of every row of rows sorted by
+    (group ``g``, score ``s``).
 
-    Returned in the input row order (float64; half-integers, so sums stay exact), NaN where the
-    score is NaN.  ``inverse`` holds dense group indices in ``[0, n_groups)``.
+    Tie blocks are runs of equal (group, score); a group change always opens a new block so
+    that ties are never shared across groups.
     """
-    n = scores.numel()
-    device = scores.device
-    order = torch.argsort(scores, stable=True)
-    if n_groups > 1:
-        # A stable sort by group after a sort by score is a lexicographic sort by (group, score).
-        order = order[torch.argsort(inverse[order], stable=True)]
-    g = inverse[order]
-    s = scores[order]
-
-    # Tie blocks are runs of equal (group, score); a group change always opens a new block so
-    # that ties are never shared across groups.
+    n = g.numel()
+    device = g.device
     starts = torch.ones(n, dtype=torch.bool, device=device)
     starts[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
     ends = torch.ones(n, dtype=torch.bool, device=device)
@@ -89,15 +85,54 @@ def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
     pos = torch.arange(n, device=device)
     first = torch.cummax(torch.where(starts, pos, 0), 0).values
     last = torch.cummin(torch.where(ends, pos, n - 1).flip(0), 0).values.flip(0)
+    return first, last
 
-    counts = torch.zeros(n_groups, dtype=torch.long, device=device)
-    counts.scatter_add_(0, inverse, torch.ones_like(inverse))
-    group_start = torch.cumsum(counts, 0) - counts
 
-    rank_sorted = (first + last).to(torch.float64) / 2 - group_start[g].to(torch.float64) + 1
-    ranks = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+def _group_sizes(inverse: Tensor, n_groups: int) -> Tensor:
+    counts = torch.zeros(n_groups, dtype=torch.long, device=inverse.device)
+    return counts.scatter_add_(0, inverse, torch.ones_like(inverse))
+
+
+def _group_starts(inverse: Tensor, n_groups: int) -> Tensor:
+    """Sorted position of every group's first row once rows are sorted by group index."""
+    counts = _group_sizes(inverse, n_groups)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _sort_by_group(keys: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """The permutation sorting rows by (group, key ascending), stable."""
+    order = torch.argsort(keys, stable=True)
+    if n_groups > 1:
+        # A stable sort by group after a sort by key is a lexicographic sort by (group, key).
+        order = order[torch.argsort(inverse[order], stable=True)]
+    return order
+
+
+def _tie_positions(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """[rows, 2] int64: the 0-based ascending positions within its group of the first and the
+    last row of every row's tie block, in the input row order; the one sort that AUC, GAUC and
+    NDCG share.  ``inverse`` holds dense group indices in ``[0, n_groups)``."""
+    order = _sort_by_group(scores, inverse, n_groups)
+    g = inverse[order]
+    first, last = _tie_blocks(g, scores[order])
+    start = _group_starts(inverse, n_groups)[g]
+    sorted_positions = torch.stack([first - start, last - start], dim=1)
+    index = order[:, None].expand(-1, 2)
+    return torch.empty_like(sorted_positions).scatter_(0, index, sorted_positions)
+
+
+def _ranks_from_positions(positions: Tensor, scores: Tensor) -> Tensor:
+    """1-based rank of every score within its group, ties sharing their average rank (float64;
+    half-integers, so sums stay exact), NaN where the score is NaN."""
+    ranks = positions.sum(1).to(torch.float64) / 2 + 1
     # NaN compares unequal to itself, so NaN rows got arbitrary ranks; make that visible instead.
     return torch.where(torch.isnan(scores), math.nan, ranks)
+
+
+def _average_ranks(scores: Tensor, inverse: Tensor, n_groups: int) -> Tensor:
+    """1-based rank of every score within its group, ties sharing their average rank, in the
+    input row order (see :func:`_ranks_from_positions`)."""
+    return _ranks_from_positions(_tie_positions(scores, inverse, n_groups), scores)
 
 
 def _auc_from_ranks(
@@ -165,6 +200,115 @@ def gauc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     group does.
     """
     return _weighted_gauc(*grouped_auc(preds, target, groups))
+
+
+# --------------------------------------------------------------------------------------------
+# NDCG@k per group
+# --------------------------------------------------------------------------------------------
+
+
+def _discount_sums(k: int, device: torch.device) -> Tensor:
+    """``D[m] = Σ_{j<m} 1 / log2(j + 2)`` for ``m`` in ``[0, k]``: the discount of the 0-based
+    positions ``[a, b)`` within the top k is ``D[min(b, k)] - D[min(a, k)]``."""
+    table = torch.zeros(k + 1, dtype=torch.float64, device=device)
+    positions = torch.arange(k, dtype=torch.float64, device=device)
+    table[1:] = torch.cumsum(1.0 / torch.log2(positions + 2), 0)
+    return table
+
+
+def _ndcg_per_group(
+    positions: Tensor, scores: Tensor, gains: Tensor, inverse: Tensor, n_groups: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """NDCG@k of every group and whether it counts (ideal DCG > 0), from the scores' ascending
+    tie positions (:func:`_tie_positions`); see :func:`ndcg`.
+
+    Only rows with a positive gain add to DCG and ideal DCG, so past one pass over the rows
+    everything runs on those (a few percent of a feed): the sort of the scores is the one GAUC
+    already made."""
+    device = scores.device
+    table = _discount_sums(k, device)
+
+    def per_group(g: Tensor, values: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=torch.float64, device=device).scatter_add_(0, g, values)
+
+    chosen = torch.nonzero(gains > 0).squeeze(1)
+    gain, g = gains[chosen], inverse[chosen]
+    # DCG by descending score: a tie block at ascending positions [first, last] of a group of n
+    # rows sits at descending positions [n-1-last, n-1-first].  Each of its rows takes the
+    # block's summed discount over its size: the block's mean gain times the discounts of the
+    # positions it occupies, i.e. the mean over every order of the tied rows.
+    size = _group_sizes(inverse, n_groups)[g]
+    first, last = positions[chosen].unbind(1)
+    discount = table[(size - first).clamp(max=k)] - table[(size - 1 - last).clamp(max=k)]
+    dcg = per_group(g, gain * discount / (last - first + 1).to(torch.float64))
+
+    # Ideal DCG: the positive gains sorted descending within their group.
+    if len(gain) == 0 or bool((gain == gain[0]).all()):
+        # One gain value (binary relevance): the first min(positives, k) discounts, no sort.
+        positives = per_group(g, torch.ones_like(gain)).to(torch.long)
+        ideal = table[positives.clamp(max=k)] * (gain[0] if len(gain) else 0.0)
+    else:
+        order = torch.argsort(-gain, stable=True)
+        # By group as float64 (exact below 2**53 groups): torch's CPU stable sort of int64
+        # keys costs ~0.3 s however few the rows.
+        order = order[torch.argsort(g[order].to(torch.float64), stable=True)]
+        g_sorted = g[order]
+        position = torch.arange(len(order), device=device) - _group_starts(g, n_groups)[g_sorted]
+        position = position.to(torch.float64)
+        ideal_discount = torch.where(position < k, 1.0 / torch.log2(position + 2.0), 0.0)
+        ideal = per_group(g_sorted, gain[order] * ideal_discount)
+
+    counts = ideal > 0
+    nan_rows = torch.nonzero(torch.isnan(scores)).squeeze(1)
+    has_nan = (
+        per_group(inverse[nan_rows], torch.ones(len(nan_rows), dtype=torch.float64, device=device))
+        > 0
+    )
+    # NaN scores sort last and break no tie: their group's value would be arbitrary, so NaN.
+    value = torch.where(
+        counts & ~has_nan, dcg / ideal.clamp_min(torch.finfo(torch.float64).tiny), math.nan
+    )
+    return value, counts
+
+
+def grouped_ndcg(
+    preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10
+) -> tuple[Tensor, Tensor]:
+    """NDCG@k of every group (see :func:`ndcg`), in ``torch.unique`` (ascending id) order.
+
+    Returns:
+        ``(ndcg_per_group, counts)``: float64 values (NaN for groups without a positive gain or
+        with a NaN score) and a bool mask of the groups with a positive gain.
+    """
+    _check_1d(preds=preds, gains=gains, groups=groups)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    uniq, inverse = torch.unique(groups, return_inverse=True)
+    scores = preds.to(torch.float64)
+    positions = _tie_positions(scores, inverse, uniq.numel())
+    return _ndcg_per_group(positions, scores, gains.to(torch.float64), inverse, uniq.numel(), k)
+
+
+def ndcg(preds: Tensor, gains: Tensor, groups: Tensor, k: int = 10) -> Tensor:
+    """Mean NDCG@k over the groups (users) holding at least one row with ``gain > 0``.
+
+    Within a group, rows are ranked by ``preds`` descending; DCG@k = Σ gain · 1/log2(rank + 1)
+    over ranks 1..k, divided by the ideal DCG@k (the gains sorted descending).  Only rows
+    with ``gain > 0`` add to either (a negative gain counts as 0; sklearn refuses one).  Tied
+    scores get the mean DCG over every order of the tied rows (each tied row takes the block's
+    mean gain), which is ``sklearn.metrics.ndcg_score`` with ``ignore_ties=False`` and makes
+    the value independent of row order.  Groups without a positive gain have no ideal
+    ranking and are left out (not counted as 0 or 1); NaN if no group has one, or if a counted
+    group has a NaN score.
+    """
+    value, counts = grouped_ndcg(preds, gains, groups, k)
+    return _mean_ndcg(value, counts)
+
+
+def _mean_ndcg(value: Tensor, counts: Tensor) -> Tensor:
+    n = counts.sum()
+    total = torch.where(counts, value, 0.0).sum()
+    return torch.where(n > 0, total / n.clamp_min(1), math.nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,11 +480,16 @@ class BehaviourMetrics(CatMetric):
       correction fitted on the split (``label/odds_factor``, see `train.calibration`) and
       ``label/calibration_corrected``: the calibration after ``correction`` (the one fitted on
       validation, set before a test split's compute), or after the split's own fit without one;
+    * ``<label>/ndcg@<k>`` (:func:`ndcg` within ``groups``, ``ndcg_k``; None: not computed) with
+      gain ``label > 0``; with a scheme as ``ndcg_gain``, ``<its label>/ndcg_<its name>@<k>``
+      with the scheme's weight as the gain of its positives and 0 for every other row (see
+      :func:`scheme_gains`);
     * for every behaviour named in ``oracle``, the same metrics computed from the oracle score
       as ``b/oracle_<metric>``: ``oracle_auc`` of a continuous behaviour ranks by
       ``oracle_positive`` where given, else by the oracle expectation; ``oracle_xauc`` by the
       oracle expectation; the label's ``oracle_logloss`` / ``oracle_calibration`` use the
-      oracle probability (for a continuous label that is ``oracle_positive``; NaN without it).
+      oracle probability (for a continuous label that is ``oracle_positive``; NaN without it);
+      ``oracle_ndcg...`` ranks by the oracle column of the gain's label.
 
     AUC and GAUC are exact, so every row of the split is kept in memory (one float64 row of
     score, behaviours and oracle columns plus the int64 group id) until :meth:`reset`; that is
@@ -361,6 +510,8 @@ class BehaviourMetrics(CatMetric):
         oracle: Sequence[str] = (),
         xauc_pairs: int = 1_000_000,
         seed: int = 0,
+        ndcg_k: int | None = 10,
+        ndcg_gain: WeightScheme | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -389,6 +540,14 @@ class BehaviourMetrics(CatMetric):
             raise ValueError(f"label {label!r} not among behaviours {list(self.behaviours)}")
         if xauc_pairs < 1:
             raise ValueError(f"xauc_pairs must be positive, got {xauc_pairs}")
+        if ndcg_k is not None and (
+            isinstance(ndcg_k, bool) or not isinstance(ndcg_k, int) or ndcg_k < 1
+        ):
+            raise ValueError(f"ndcg_k must be an integer >= 1 or None, got {ndcg_k!r}")
+        if ndcg_gain is not None:
+            ndcg_gain.check_behaviours(self.behaviours)
+        self.ndcg_k = ndcg_k
+        self.ndcg_gain = ndcg_gain
 
         # Stored row layout: [probs | behaviours (K) | oracle (M) | oracle_positive of the
         # continuous oracle behaviours (NaN where not given) | the label's probability].
@@ -457,16 +616,21 @@ class BehaviourMetrics(CatMetric):
         single = torch.zeros_like(inverse)
 
         # Ranks depend only on the score, so they are computed once per score column and
-        # reused for every behaviour evaluated against it.
+        # reused for every behaviour evaluated against it (and, within groups, by NDCG).
+        position_cache: dict[tuple[int, bool], Tensor] = {}
         rank_cache: dict[tuple[int, bool], Tensor] = {}
+
+        def positions(col: int, grouped: bool) -> Tensor:
+            if (col, grouped) not in position_cache:
+                by = (inverse, n_groups) if grouped else (single, 1)
+                position_cache[col, grouped] = _tie_positions(rows[:, col], *by)
+            return position_cache[col, grouped]
 
         def ranks(col: int, grouped: bool) -> Tensor:
             if (col, grouped) not in rank_cache:
-                score = rows[:, col]
-                if grouped:
-                    rank_cache[col, grouped] = _average_ranks(score, inverse, n_groups)
-                else:
-                    rank_cache[col, grouped] = _average_ranks(score, single, 1)
+                rank_cache[col, grouped] = _ranks_from_positions(
+                    positions(col, grouped), rows[:, col]
+                )
             return rank_cache[col, grouped]
 
         def auc_of(col: int, positive: Tensor) -> Tensor:
@@ -506,6 +670,8 @@ class BehaviourMetrics(CatMetric):
                     out[key + "calibration"] = calibration(prob, values)
             if name == self.label:
                 out |= self._corrected(label_prob, values)
+        if self.ndcg_k is not None:
+            out |= self._ndcg(rows, inverse, n_groups, lambda col: positions(col, True))
         # One device-to-host transfer instead of one sync per metric.
         return dict(zip(out, torch.stack(list(out.values())).cpu().tolist(), strict=True))
 
@@ -523,3 +689,41 @@ class BehaviourMetrics(CatMetric):
                 calibration(correction.apply(probs), values) if correction else nan
             ),
         }
+
+    def _ndcg(
+        self, rows: Tensor, inverse: Tensor, n_groups: int, positions: Callable[[int], Tensor]
+    ) -> dict[str, Tensor]:
+        assert self.ndcg_k is not None
+        k, behaviours = len(self.behaviours), rows[:, 1 : 1 + len(self.behaviours)]
+        if self.ndcg_gain is None:
+            label, name = self.label, f"ndcg@{self.ndcg_k}"
+            gains = (behaviours[:, self.behaviours.index(label)] > 0).to(torch.float64)
+        else:
+            label = self.ndcg_gain.label
+            name = f"ndcg_{self.ndcg_gain.name}@{self.ndcg_k}"
+            gains = scheme_gains(self.ndcg_gain, behaviours, self.behaviours)
+        columns = {"": 0}
+        if label in self.oracle:
+            columns["oracle_"] = 1 + k + self.oracle.index(label)
+        return {
+            f"{label}/{prefix}{name}": _mean_ndcg(
+                *_ndcg_per_group(
+                    positions(col), rows[:, col], gains, inverse, n_groups, self.ndcg_k
+                )
+            )
+            for prefix, col in columns.items()
+        }
+
+
+def scheme_gains(scheme: WeightScheme, behaviours: Tensor, names: Sequence[str]) -> Tensor:
+    """NDCG gains from a weight scheme: a positive's weight (``scheme.label > 0``: click 1,
+    finish 3 more, long watch 5 more under ``seed``), 0 for every other row.
+
+    "Positive" is the scheme's own: its label > 0, the rows its terms weigh in training. A row
+    whose label is 0 gains nothing even if a term would read a value there (a finish without a
+    click): the scheme gives such a row its negative weight, not a graded one, so counting it
+    here would grade rows the training never grades.  Unnormalised (``normalize: mean`` only
+    scales every gain, which NDCG does not see)."""
+    positive = behaviours[:, list(names).index(scheme.label)] > 0
+    weights = scheme.weights(behaviours, names).to(torch.float64)
+    return torch.where(positive, weights, 0.0)

@@ -27,7 +27,7 @@ from train.nonfinite import NonFiniteGuard
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
-from train.weights import WeightScheme
+from train.weights import SchemeError, WeightScheme
 
 # Epoch metrics are computed over every rank's rows by BehaviourMetrics itself; Lightning's
 # advice to sync_dist them would average values that are already global.
@@ -108,6 +108,12 @@ class RankingModule(L.LightningModule):
         self.evaluation = evaluation
         self.nonfinite = nonfinite
         self.artifact = artifact(model_config or {}, spec, stats, scheme)
+        gain = evaluation.ndcg_gain
+        if gain is not None:
+            try:
+                gain.check_behaviours(spec.behaviour_names)
+            except SchemeError as err:
+                raise SchemeError(f"metrics.ndcg_gain ({gain.name}): {err}") from err
         self.metrics = nn.ModuleDict(
             {
                 split: BehaviourMetrics(
@@ -117,6 +123,8 @@ class RankingModule(L.LightningModule):
                     spec.oracle_names,
                     evaluation.xauc_pairs,
                     evaluation.seed,
+                    evaluation.ndcg_k,
+                    gain,
                 )
                 for split in SPLITS
             }

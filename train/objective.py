@@ -32,6 +32,10 @@ class Evaluation:
     seed: int = 0
     predictions: str | None = None
     """Where a multi-head run writes every head's test probabilities (a URL); None: nowhere."""
+    ndcg_k: int = 10
+    """NDCG@k per user (`metrics.ndcg_k`)."""
+    ndcg_gain: WeightScheme | None = None
+    """The scheme whose weights are NDCG's gains (`metrics.ndcg_gain`); None: label > 0."""
 
     def __post_init__(self) -> None:
         if (
@@ -40,6 +44,8 @@ class Evaluation:
             or (self.xauc_pairs < 1)
         ):
             raise ValueError(f"xauc_pairs must be an integer >= 1, got {self.xauc_pairs!r}")
+        if isinstance(self.ndcg_k, bool) or not isinstance(self.ndcg_k, int) or self.ndcg_k < 1:
+            raise ValueError(f"ndcg_k must be an integer >= 1, got {self.ndcg_k!r}")
 
 
 class Objective(nn.Module):

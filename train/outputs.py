@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from train.layout import ARTIFACT_FORMAT, METRICS
+from train.layout import ARTIFACT_FORMAT, METRICS, NDCG_METRIC
 from train.secrets import redact
 
 
@@ -16,7 +16,14 @@ def format_table(
 ) -> str:
     """Behaviours x metrics of one split, the oracle beside the model where there is one."""
     columns: list[str] = []
-    for metric in METRICS:
+    ndcg = sorted(
+        {
+            key.rsplit("/", 1)[1]
+            for key in metrics
+            if key.startswith(f"{split}/") and NDCG_METRIC.fullmatch(key.rsplit("/", 1)[1])
+        }
+    )
+    for metric in (*METRICS, *ndcg):
         if any(f"{split}/{b}/{metric}" in metrics for b in behaviours):
             columns.append(metric)
             if any(f"{split}/{b}/oracle_{metric}" in metrics for b in behaviours):

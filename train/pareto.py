@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
 
+from train.layout import NDCG_METRIC
+
 Direction = Literal["max", "min"]
 DIRECTIONS: tuple[str, ...] = ("max", "min")
 
@@ -38,6 +40,8 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
 def default_direction(metric: str) -> Direction:
     """The direction of a metric name such as `auc` or `click/logloss` (the last part counts)."""
     name = metric.rsplit("/", 1)[-1].removeprefix("oracle_")
+    if NDCG_METRIC.fullmatch(name):
+        return "max"
     if name not in METRIC_DIRECTIONS:
         raise ValueError(
             f"metric {metric!r} has no default direction (known: {sorted(METRIC_DIRECTIONS)}); "

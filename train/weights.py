@@ -286,6 +286,23 @@ def head_schemes(config: Mapping[str, Any] | None) -> dict[str, WeightScheme]:
     return schemes
 
 
+def gain_scheme(name: str | None) -> WeightScheme | None:
+    """`metrics.ndcg_gain` -> the scheme whose weights are NDCG's gains, composed as
+    `weights=<name>` would be; None keeps the default gain (the label > 0)."""
+    if name is None:
+        return None
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate  # the seam of the gain scheme
+
+    where = "metrics.ndcg_gain"
+    config = _compose_weights(name, where)
+    try:
+        return instantiate(config)
+    except (SchemeError, TypeError, InstantiationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        raise SchemeError(f"{where}={name!r}: {cause or err}") from err
+
+
 def _compose_weights(name: str, where: str) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

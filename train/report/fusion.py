@@ -113,9 +113,10 @@ def read_predictions(url: str) -> Predictions:
 
 def score_metrics(pred: Predictions, score: Tensor) -> dict[str, float]:
     """The ranking metrics (auc, gauc, xauc) of every behaviour for one score per row, computed
-    by the job's own `BehaviourMetrics` with the run's XAUC pairs and seed."""
+    by the job's own `BehaviourMetrics` with the run's XAUC pairs and seed (no ndcg@k:
+    predictions.parquet does not record the run's k and gain)."""
     metrics = BehaviourMetrics(
-        pred.behaviours, pred.continuous, pred.label, (), pred.xauc_pairs, pred.seed
+        pred.behaviours, pred.continuous, pred.label, (), pred.xauc_pairs, pred.seed, ndcg_k=None
     )
     metrics.update(score, pred.values, pred.groups)
     results = metrics.compute()
