@@ -14,7 +14,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint_io, config_checks, outputs, resolvers, storage, warmstart, weights
+from train import (
+    checkpoint_io,
+    config_checks,
+    objectives,
+    outputs,
+    resolvers,
+    storage,
+    warmstart,
+    weights,
+)
 from train.errors import UpweightError
 from train.layout import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, STATS_FILE, join
 from train.model import network_config
@@ -25,7 +34,7 @@ resolvers.register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
     try:
         return train(cfg)
     except Exception:
@@ -34,10 +43,11 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float | tuple[float, ...]:
     run_dir = cfg.paths.output_dir
     with bad_input(run_dir):  # every value and every split checked before anything is written
-        config_checks.check(container(cfg))
+        config = container(cfg)
+        config_checks.check(config, objectives.sweeper_directions())
         L.seed_everything(cfg.seed, workers=True)
         scheme = instantiate(cfg.weights)
         model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
@@ -45,6 +55,9 @@ def train(cfg: DictConfig) -> float:
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)
         spec = data.spec  # with the vocabularies of the training split
+        goals = objectives.check_run(  # exact now: which behaviours are continuous is measured
+            config.get("objectives"), spec, stats, scheme.label, model_config.get("heads")
+        )
         network = instantiate(network_config(model_config))
         module = RankingModule(
             network(spec.cardinalities, len(spec.dense), **spec.network_options),
@@ -100,6 +113,8 @@ def train(cfg: DictConfig) -> float:
         print(f"run folder: {run_dir}")
     if torch.distributed.is_initialized():  # under torchrun rank 0 may abort at exit without it
         torch.distributed.destroy_process_group()
+    if goals:  # what an Optuna search optimises: the best model's validation metrics
+        return objectives.values(goals, metrics)
     return metrics.get(cfg.monitor.replace("val/", "test/", 1), float("nan"))
 
 

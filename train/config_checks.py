@@ -27,6 +27,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from train import objectives
 from train.errors import ConfigError, UpweightError
 from train.layout import METRICS, NDCG_METRIC
 
@@ -234,11 +235,12 @@ def lookup(config: Mapping[str, Any], key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def check(config: Mapping[str, Any]) -> None:
+def check(config: Mapping[str, Any], directions: Sequence[str] | None = None) -> None:
     """Raise ConfigError for the first key outside its domain (see RULES), a key that names no
     argument of its `_target_`, a contradiction between keys, or an output folder that cannot
     be created; and the seams' own errors (SchemeError, ConfigError) for a bad weight scheme,
-    model, optimizer or scheduler value."""
+    model, optimizer or scheduler value. `directions`: those of the Optuna search this job is a
+    trial of (`objectives.sweeper_directions()`), checked against `objectives`."""
     for key, rule in RULES.items():
         found, value = lookup(config, key)
         if found:
@@ -260,6 +262,7 @@ def check(config: Mapping[str, Any]) -> None:
     check_seams(config)
     check_ndcg_gain(config)
     check_monitor(config)
+    check_objectives(config, directions)
     found, output_dir = lookup(config, "paths.output_dir")
     if found:
         check_output_dir(str(output_dir))
@@ -313,6 +316,29 @@ def check_monitor(config: Mapping[str, Any]) -> None:
             f"(a {'higher' if better == 'max' else 'lower'} {metric} is better); the best "
             "checkpoint and the early stop would pick the worst model"
         )
+
+
+def check_objectives(config: Mapping[str, Any], directions: Sequence[str] | None = None) -> None:
+    """`objectives` name validation metrics a behaviour of the data logs, whatever its kind
+    (the exact names, which depend on the kinds, are checked after the data is measured), one
+    per direction of the search."""
+    value = config.get("objectives")
+    behaviours = _names(lookup(config, "data.behaviours")[1])
+    names = objectives.logged(
+        behaviours,
+        str(lookup(config, "weights.label")[1]),
+        oracle=_names(lookup(config, "data.oracle")[1]),
+        heads=_names(lookup(config, "model.heads")[1]),
+    )
+    objectives.check(value, names if behaviours else None)
+    objectives.check_directions(value, directions)
+
+
+def _names(value: Any) -> list[str]:
+    """The names of a mapping's keys or a list's items; none for anything else."""
+    if isinstance(value, Mapping) or is_list(value):
+        return [str(v) for v in value]
+    return []
 
 
 def check_seams(config: Mapping[str, Any]) -> None:

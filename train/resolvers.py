@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from train import gpus
+from train import gpus, objectives
 
 
 def _if_cuda(yes: str, no: str) -> str:
@@ -19,3 +19,7 @@ def register() -> None:
     # `${free_gpu:}` (hardware=free_gpu): a GPU no other upweight run on this machine holds.
     if not OmegaConf.has_resolver("free_gpu"):
         OmegaConf.register_new_resolver("free_gpu", gpus.free_gpu)
+    # `${objective_directions:${objectives}}` (hydra/sweeper=pareto): maximize an AUC, minimize a
+    # logloss, so that an Optuna search runs each objective its own way.
+    if not OmegaConf.has_resolver("objective_directions"):
+        OmegaConf.register_new_resolver("objective_directions", objectives.directions)
