@@ -126,7 +126,8 @@ def checked(config: dict, names: object, directions: list[str] | None = None) ->
         (
             ["val/click/auc", "val/clik/auc"],
             "objectives[1]: 'val/clik/auc' is not a metric this run logs; expected one of "
-            "val/click/auc, val/click/gauc, val/click/xauc, val/click/logloss, val/finish/auc",
+            "val/click/auc, val/click/gauc, val/click/xauc, val/click/logloss, val/click/ndcg@10, "
+            "val/finish/auc",
         ),
         (
             ["test/click/auc"],
@@ -195,7 +196,10 @@ def test_pareto_preset_directions_follow_the_objectives():
         ("val/clik/auc", "val/click/auc, val/click/gauc, val/click/xauc, val/click/logloss,"),
         # Passes before the data (a behaviour of either kind); click is then measured binary:
         # stops after the statistics pass, before training, and lists the exact names.
-        ("val/click/xauc", "val/click/auc, val/click/gauc, val/click/logloss, val/finish/auc,"),
+        (
+            "val/click/xauc",
+            "val/click/auc, val/click/gauc, val/click/logloss, val/click/ndcg@10, val/finish/auc,",
+        ),
     ],
 )
 def test_a_bad_objective_stops_the_job_before_anything_is_written(objective, listed, tmp_path):
@@ -229,7 +233,8 @@ def test_logged_names_are_what_the_metrics_compute():
     outputs.update(torch.rand(rows, 2), values, groups, torch.rand(rows, 2), torch.rand(rows, 2))
     with_heads = logged | {f"val/{k}" for k in outputs.metrics(outputs.compute())}
 
-    assert set(objectives.logged(behaviours, label, oracle, (), continuous)) == logged
-    assert set(objectives.logged(behaviours, label, oracle, heads, continuous)) == with_heads
+    ndcg = "click/ndcg@10"
+    assert set(objectives.logged(behaviours, label, oracle, (), continuous, ndcg)) == logged
+    assert set(objectives.logged(behaviours, label, oracle, heads, continuous, ndcg)) == with_heads
     # Before the data is measured: every name either kind could log, a superset.
-    assert set(objectives.logged(behaviours, label, oracle, heads)) >= with_heads
+    assert set(objectives.logged(behaviours, label, oracle, heads, ndcg=ndcg)) >= with_heads

@@ -55,8 +55,20 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         data = instantiate(cfg.data)
         stats = data.prepare(scheme)
         spec = data.spec  # with the vocabularies of the training split
+        evaluation = Evaluation(
+            cfg.xauc_pairs,
+            cfg.seed,
+            join(run_dir, PREDICTIONS_FILE),
+            cfg.metrics.ndcg_k,
+            weights.gain_scheme(cfg.metrics.ndcg_gain),
+        )
         goals = objectives.check_run(  # exact now: which behaviours are continuous is measured
-            config.get("objectives"), spec, stats, scheme.label, model_config.get("heads")
+            config.get("objectives"),
+            spec,
+            stats,
+            scheme.label,
+            model_config.get("heads"),
+            evaluation.ndcg_key(scheme.label),
         )
         network = instantiate(network_config(model_config))
         module = RankingModule(
@@ -66,13 +78,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             stats,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-            evaluation=Evaluation(
-                cfg.xauc_pairs,
-                cfg.seed,
-                join(run_dir, PREDICTIONS_FILE),
-                cfg.metrics.ndcg_k,
-                weights.gain_scheme(cfg.metrics.ndcg_gain),
-            ),
+            evaluation=evaluation,
             nonfinite=cfg.nonfinite,
             model_config=model_config,
             head_schemes=head_schemes,

@@ -30,6 +30,7 @@ from fsspec.core import url_to_fs
 from train import objectives
 from train.errors import ConfigError, UpweightError
 from train.layout import METRICS, NDCG_METRIC
+from train.pareto import default_direction
 
 Rule = tuple[Callable[[Any], bool], str]
 """(test, what was expected): the domain of one key."""
@@ -210,8 +211,6 @@ METRIC_NAMES = (
     *(f"head_{m}" for m in ("auc", "xauc", "logloss", "calibration")),
 )
 """The last part of a `val/<behaviour>/<metric>` name (train.metrics, train.heads)."""
-BETTER = {"auc": "max", "gauc": "max", "xauc": "max", "logloss": "min"}
-"""The direction of the metrics whose direction is not a choice (calibration's is)."""
 OWN_MODELS = (
     *(f"train.model.{name}" for name in ("DNN", "DCN", "DeepFM", "MultiHead")),
     *(f"train.multitask.{name}" for name in ("MMoE", "PLE")),
@@ -309,7 +308,10 @@ def check_monitor(config: Mapping[str, Any]) -> None:
             f"monitor={monitor}: expected a behaviour of data.behaviours "
             f"{[str(b) for b in behaviours]} after val/"
         )
-    better = "max" if ndcg else BETTER.get(metric.removeprefix("oracle_").removeprefix("head_"))
+    try:
+        better: str | None = default_direction(metric)
+    except ValueError:  # calibration: its direction is a choice
+        better = None
     if better is not None and mode in ("min", "max") and mode != better:
         raise ConfigError(
             f"monitor_mode={mode} with monitor={monitor}: expected monitor_mode={better} "
@@ -324,14 +326,27 @@ def check_objectives(config: Mapping[str, Any], directions: Sequence[str] | None
     per direction of the search."""
     value = config.get("objectives")
     behaviours = _names(lookup(config, "data.behaviours")[1])
+    label = str(lookup(config, "weights.label")[1])
     names = objectives.logged(
         behaviours,
-        str(lookup(config, "weights.label")[1]),
+        label,
         oracle=_names(lookup(config, "data.oracle")[1]),
         heads=_names(lookup(config, "model.heads")[1]),
+        ndcg=ndcg_key(config, label) if value else None,
     )
     objectives.check(value, names if behaviours else None)
     objectives.check_directions(value, directions)
+
+
+def ndcg_key(config: Mapping[str, Any], label: str) -> str | None:
+    """The `<behaviour>/<metric>` name the run will log NDCG under (None: unknown yet)."""
+    from train.metrics import ndcg_key
+    from train.weights import gain_scheme
+
+    found, k = lookup(config, "metrics.ndcg_k")
+    if not (found and is_int(k) and k >= 1):
+        return None
+    return ndcg_key(label, k, gain_scheme(lookup(config, "metrics.ndcg_gain")[1]))
 
 
 def _names(value: Any) -> list[str]:

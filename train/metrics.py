@@ -695,12 +695,10 @@ class BehaviourMetrics(CatMetric):
     ) -> dict[str, Tensor]:
         assert self.ndcg_k is not None
         k, behaviours = len(self.behaviours), rows[:, 1 : 1 + len(self.behaviours)]
+        label, name = ndcg_key(self.label, self.ndcg_k, self.ndcg_gain).split("/")
         if self.ndcg_gain is None:
-            label, name = self.label, f"ndcg@{self.ndcg_k}"
             gains = (behaviours[:, self.behaviours.index(label)] > 0).to(torch.float64)
         else:
-            label = self.ndcg_gain.label
-            name = f"ndcg_{self.ndcg_gain.name}@{self.ndcg_k}"
             gains = scheme_gains(self.ndcg_gain, behaviours, self.behaviours)
         columns = {"": 0}
         if label in self.oracle:
@@ -713,6 +711,14 @@ class BehaviourMetrics(CatMetric):
             )
             for prefix, col in columns.items()
         }
+
+
+def ndcg_key(label: str, k: int, gain: WeightScheme | None = None) -> str:
+    """`<label>/ndcg@<k>`, or with a gain scheme `<its label>/ndcg_<its name>@<k>`: the name
+    under which `BehaviourMetrics` logs NDCG (runs with other gains never share a column)."""
+    if gain is None:
+        return f"{label}/ndcg@{k}"
+    return f"{gain.label}/ndcg_{gain.name}@{k}"
 
 
 def scheme_gains(scheme: WeightScheme, behaviours: Tensor, names: Sequence[str]) -> Tensor:

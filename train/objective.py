@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
+from train.metrics import ndcg_key
 from train.weights import WeightScheme
 
 
@@ -46,6 +47,10 @@ class Evaluation:
             raise ValueError(f"xauc_pairs must be an integer >= 1, got {self.xauc_pairs!r}")
         if isinstance(self.ndcg_k, bool) or not isinstance(self.ndcg_k, int) or self.ndcg_k < 1:
             raise ValueError(f"ndcg_k must be an integer >= 1, got {self.ndcg_k!r}")
+
+    def ndcg_key(self, label: str) -> str:
+        """The `<behaviour>/<metric>` name NDCG is logged under with `label` (weights.label)."""
+        return ndcg_key(label, self.ndcg_k, self.ndcg_gain)
 
 
 class Objective(nn.Module):

@@ -4,14 +4,16 @@ logs, and the directions that go with them.
 
 The names a run logs follow from the data spec and the metric kinds (`train.metrics`,
 `train.heads`): every behaviour `auc`, a binary one `gauc`, a continuous one `xauc`; the label
-`logloss` and `calibration`; the same as `oracle_<metric>` for a behaviour with an oracle column;
-and a multi-task model's `head_auc`, `head_xauc` (continuous) or `head_logloss` and
+`logloss`, `calibration`, `odds_factor` and `calibration_corrected`; NDCG@k under the label of its
+gain (`train.metrics.ndcg_key`); the same as `oracle_<metric>` for a behaviour with an oracle
+column (not the odds correction's); and a multi-task model's `head_auc`, `head_xauc` (continuous) or `head_logloss` and
 `head_calibration` (binary) per head. Which behaviours are continuous is known once the training
 split is measured, so the names are checked twice: before any data is read against the names a
 behaviour of either kind could log, after `data.prepare` (before training or writing) exactly.
 
-An objective is a metric of the model with a direction: not an oracle's (the same in every
-trial) and not a calibration (best at 1, neither highest nor lowest), and never a test metric:
+An objective is a metric of the model with a direction (`train.pareto.default_direction`): not
+an oracle's (the same in every trial) and not a calibration (best at 1, neither highest nor
+lowest), and never a test metric:
 a search that chooses weights by the test split leaves no unbiased estimate of the choice.
 """
 
@@ -21,14 +23,14 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from train.errors import ConfigError
+from train.pareto import default_direction
 
 if TYPE_CHECKING:
     from train.data.features import FeatureSpec
     from train.data.stats import TrainStats
 
 SPLIT = "val"
-DIRECTIONS = {"auc": "maximize", "gauc": "maximize", "xauc": "maximize", "logloss": "minimize"}
-"""The direction of each metric an objective may name (`head_` versions alike)."""
+OPTUNA_DIRECTIONS = {"max": "maximize", "min": "minimize"}
 EXAMPLE = "[val/click/auc,val/finish/auc]"
 
 
@@ -38,16 +40,21 @@ def logged(
     oracle: Collection[str] = (),
     heads: Collection[str] = (),
     continuous: Collection[str] | None = None,
+    ndcg: str | None = None,
 ) -> list[str]:
     """The `val/<behaviour>/<metric>` names a run logs; `continuous=None` (not measured yet):
-    those a behaviour of either kind could log."""
+    those a behaviour of either kind could log. `ndcg`: the run's `<label>/ndcg...@k` key."""
     names = []
     for b in behaviours:
         kinds = {True, False} if continuous is None else {b in continuous}
         own = ["auc", *(["gauc"] if False in kinds else []), *(["xauc"] if True in kinds else [])]
         if b == label:
             own += ["logloss", "calibration"]
+        if ndcg and ndcg.split("/")[0] == b:
+            own.append(ndcg.split("/")[1])
         metrics = own + ([f"oracle_{m}" for m in own] if b in oracle else [])
+        if b == label:
+            metrics += ["odds_factor", "calibration_corrected"]
         if b in heads:
             metrics.append("head_auc")
             if True in kinds:
@@ -74,7 +81,7 @@ def check(objectives: Any, logs: Sequence[str] | None) -> list[str]:
             f"objectives=[]: expected at least one validation metric name, e.g. "
             f"objectives={EXAMPLE} (or null)"
         )
-    choices = [n for n in logs or () if metric(n) in DIRECTIONS]
+    choices = [n for n in logs or () if direction_of(n)]
     for i, name in enumerate(objectives):
         where = f"objectives[{i}]"
         if not isinstance(name, str):
@@ -90,11 +97,13 @@ def check(objectives: Any, logs: Sequence[str] | None) -> list[str]:
             raise ConfigError(f"{where}: {name!r} is named twice; expected distinct metrics")
         if logs is None:
             continue
-        if name in logs and metric(name) not in DIRECTIONS:
+        if name in logs and not direction_of(name):
             why = (
                 "the oracle's, the same in every trial"
                 if metric(name).startswith("oracle_")
                 else "best at 1, neither highest nor lowest (logloss scores the probabilities)"
+                if "calibration" in metric(name)
+                else "the fitted odds correction, not a quality of the model"
             )
             raise ConfigError(
                 f"{where}: {name!r} is {why}; expected a metric of the model with a direction, "
@@ -113,6 +122,17 @@ def metric(name: str) -> str:
     return name.rsplit("/", 1)[-1].removeprefix("head_")
 
 
+def direction_of(name: str) -> str | None:
+    """maximize / minimize for a metric of the model, None for one without a direction (an
+    oracle's, a calibration)."""
+    if metric(name).startswith("oracle_"):
+        return None
+    try:
+        return OPTUNA_DIRECTIONS[default_direction(name)]
+    except ValueError:
+        return None
+
+
 def directions(objectives: Any) -> list[str]:
     """maximize / minimize per objective, for the sweeper (`hydra/sweeper=pareto`); a value the
     job will refuse gets `maximize`, so that the sweep starts and its first trial says why."""
@@ -122,7 +142,7 @@ def directions(objectives: Any) -> list[str]:
         or not objectives
     ):
         return ["maximize"]
-    return [DIRECTIONS.get(metric(str(n)), "maximize") for n in objectives]
+    return [direction_of(str(n)) or "maximize" for n in objectives]
 
 
 def check_directions(objectives: Any, given: Sequence[str] | None) -> None:
@@ -145,7 +165,7 @@ def check_directions(objectives: Any, given: Sequence[str] | None) -> None:
             "(hydra/sweeper=pareto sets them from the objectives)"
         )
     for i, (name, direction) in enumerate(zip(names, given, strict=True)):
-        want = DIRECTIONS.get(metric(name))
+        want = direction_of(name)
         if want is not None and direction != want:
             raise ConfigError(
                 f"hydra.sweeper.direction[{i}]={direction} with objectives[{i}]={name}: "
@@ -186,8 +206,11 @@ def check_run(
     stats: TrainStats,
     label: str,
     heads: Collection[str] | None,
+    ndcg: str | None = None,
 ) -> list[str]:
     """`check` against the exact names this run logs, once its training split is measured
-    (`heads`: a multi-task model's, None for one logit)."""
-    names = logged(spec.behaviour_names, label, spec.oracle_names, heads or (), stats.continuous)
+    (`heads`: a multi-task model's, None for one logit; `ndcg`: its NDCG key)."""
+    names = logged(
+        spec.behaviour_names, label, spec.oracle_names, heads or (), stats.continuous, ndcg
+    )
     return check(objectives, names)

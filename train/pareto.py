@@ -39,7 +39,7 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
 
 def default_direction(metric: str) -> Direction:
     """The direction of a metric name such as `auc` or `click/logloss` (the last part counts)."""
-    name = metric.rsplit("/", 1)[-1].removeprefix("oracle_")
+    name = metric.rsplit("/", 1)[-1].removeprefix("oracle_").removeprefix("head_")
     if NDCG_METRIC.fullmatch(name):
         return "max"
     if name not in METRIC_DIRECTIONS:
