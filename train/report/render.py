@@ -47,7 +47,7 @@ def to_markdown(report: Report, image: str | None = "pareto.png") -> str:
         f"{n_runs} rows from {', '.join(f'`{r}`' for r in report.roots) or 'the given runs'}; "
         f"split `{report.split}`.",
         f"Pareto-optimal (✓) over {chosen}: no other row is at least as good on all of them "
-        "and better on one. **Bold**: best in the column (calibration: closest to 1)"
+        "and better on one. **Bold**: best in the column (calibration and odds factor: closest to 1)"
         + (
             "; the oracle row (the simulator's true probabilities and expected watch time, "
             "scored like a model) is shown for reference, not ranked."

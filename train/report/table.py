@@ -111,9 +111,9 @@ def parse_metrics(
 
 def _goodness(column: str, value: float) -> float:
     """Larger is better: AUCs as they are, logloss negated, calibration (before and after the
-    odds correction) by its distance to 1."""
+    odds correction) and the odds factor (the inflation) by their distance to 1."""
     metric = column.rsplit("/", 1)[-1]
-    if metric in ("calibration", "calibration_corrected"):
+    if metric in ("calibration", "calibration_corrected", "odds_factor"):
         return -abs(math.log(value)) if value > 0 else -math.inf
     try:
         return value if default_direction(metric) == "max" else -value
