@@ -115,7 +115,7 @@ def test_real_checkpoints_load_with_weights_only(tmp_path_factory):
         saved = torch.load(run / "checkpoints" / name, weights_only=True)
         assert {"state_dict", "loops", "callbacks", "optimizer_states", "upweight"} <= set(saved)
         assert saved["lr_schedulers"], "the run used scheduler=cosine"
-        assert load(str(run / "checkpoints" / name)).scorer.outputs == ["score"]
+        assert load(str(run / "checkpoints" / name)).scorer.outputs == ["score", "p_calibrated"]
 
 
 # -- exported artifacts -----------------------------------------------------------------------
