@@ -14,7 +14,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint_io, config_checks, outputs, resolvers, storage, warmstart, weights
+from train import (
+    checkpoint_io,
+    config_checks,
+    outputs,
+    resolvers,
+    storage,
+    trackers,
+    warmstart,
+    weights,
+)
 from train.errors import UpweightError
 from train.layout import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, STATS_FILE, join
 from train.model import network_config
@@ -65,7 +74,10 @@ def train(cfg: DictConfig) -> float:
         trainer: L.Trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
-            logger=instantiate(cfg.logger),
+            # every logger selected (`logger=[csv,mlflow]`), less unreachable trackers
+            logger=trackers.connect(
+                [instantiate(c) for c in cfg.logger.values() if c], container(cfg)
+            ),
             plugins=checkpoint_io.plugins(),
         )
         data.check_device(trainer.strategy.root_device)  # data.device=cuda on a CUDA run only
@@ -90,6 +102,7 @@ def train(cfg: DictConfig) -> float:
 
     if trainer.is_global_zero:
         storage.write_json(join(run_dir, METRICS_FILE), metrics)
+        trackers.finish(trainer, run_dir, metrics)  # final metrics, files; closes their runs
         print(f"\n{scheme.describe()}\n{outputs.format_table(metrics, data.spec.behaviour_names)}")
         print(f"run folder: {run_dir}")
     if torch.distributed.is_initialized():  # under torchrun rank 0 may abort at exit without it
