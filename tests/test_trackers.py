@@ -305,3 +305,21 @@ def test_mlflow_without_a_server_is_a_config_error(tmp_path: Path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: logger\.mlflow: MLFLOW_TRACKING_URI is not"):
         train_in_process(*TINY, "logger=[csv,mlflow]", output_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_other_trackers_keeps_the_csv_log(tmp_path: Path):
+    """Positions are matched over the resumable logs: a checkpoint saved with
+    `logger=[mlflow,csv]` (the tracker's position is None) resumes a `logger=csv` run, and the
+    CSV log is cut back to its position instead of restarted."""
+    from types import SimpleNamespace
+
+    from train.logs import POSITION_KEY, CSVLogger, LogPosition
+
+    csv = CSVLogger(save_dir=str(tmp_path), name="logs", version="")
+    for step in range(3):
+        csv.log_metrics({"train/loss": float(step)}, step=step)
+    csv.save()
+    checkpoint = {POSITION_KEY: {"loggers": [None, {"rows": 2}], "pending": None}}
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), is_global_zero=True, loggers=[csv])
+    LogPosition().on_load_checkpoint(trainer, None, checkpoint)  # type: ignore[arg-type]
+    assert [r["step"] for r in log_rows(tmp_path)] == [0, 1]

@@ -159,7 +159,10 @@ class MLFlowLogger(Tracker, LightningMLFlowLogger):
         self.guarded(lambda: super(MLFlowLogger, self).log_metrics(metrics, step))
 
     def finalize(self, status: str = "success") -> None:
-        self.guarded(lambda: super(MLFlowLogger, self).finalize(status))
+        # Lightning calls it after each stage (fit, validate, test): `finish` closes the run
+        # once at the end of the job; a failed stage is marked here.
+        if status != "success":
+            self.guarded(lambda: super(MLFlowLogger, self).finalize(status))
 
     def log_results(
         self, metrics: Mapping[str, float], files: Sequence[str], checkpoint: str | None
