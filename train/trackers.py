@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 import urllib.error
@@ -62,6 +63,8 @@ def probe(url: str, timeout_s: float) -> str | None:
         return None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; mlflow has its own TLS settings
+            return None
         return str(reason) or type(reason).__name__
 
 
@@ -76,7 +79,8 @@ class Tracker:
         raise NotImplementedError
 
     def open(self) -> str | None:
-        """Probe the server and start the tracker's run; None when it is ready, else why not."""
+        """Probe the server and start the tracker's run; None when it is ready, else what went
+        wrong ("is unreachable (...)", "could not start a run (...)")."""
         raise NotImplementedError
 
     def log_results(
@@ -113,7 +117,8 @@ class MLFlowLogger(Tracker, LightningMLFlowLogger):
         log_checkpoint: bool = False,
         probe_timeout_s: float = 5.0,
         tags: Mapping[str, Any] | None = None,
-        **kwargs: Any,
+        artifact_location: str | None = None,
+        synchronous: bool | None = None,
     ) -> None:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # mlflow 3 refuses a folder of files (Lightning's default) as a store
@@ -129,7 +134,8 @@ class MLFlowLogger(Tracker, LightningMLFlowLogger):
             # migrated): on ranks other than 0, which log nothing, one that opens nothing.
             tracking_uri=uri if rank_zero_only.rank == 0 else "http://127.0.0.1:9",
             tags={"upweight.run_folder": safe_url(run_folder), **(tags or {})},
-            **kwargs,
+            artifact_location=artifact_location,
+            synchronous=synchronous,
         )
         self.log_checkpoint = log_checkpoint
         self.probe_timeout_s = probe_timeout_s
@@ -143,11 +149,11 @@ class MLFlowLogger(Tracker, LightningMLFlowLogger):
         if uri.startswith(("http://", "https://")):
             problem = probe(uri.rstrip("/") + "/health", self.probe_timeout_s)
             if problem:
-                return problem
+                return f"is unreachable ({problem})"
         try:
             _ = self.run_id  # creates the experiment and the run: credentials are checked now
         except Exception as err:
-            return f"{type(err).__name__}: {str(err)[:300]}"
+            return f"could not start a run ({type(err).__name__}: {str(err)[:300]})"
         return None
 
     def log_hyperparams(self, params: Any) -> None:
@@ -220,13 +226,13 @@ class WandbLogger(Tracker, LightningWandbLogger):
         if not self.offline():
             problem = probe(self.server(), self.probe_timeout_s)
             if problem:
-                return problem
+                return f"is unreachable ({problem})"
         if self._save_dir:
             os.makedirs(self._save_dir, exist_ok=True)  # else W&B falls back to a temp folder
         try:
             _ = self.experiment
         except Exception as err:
-            return f"{type(err).__name__}: {str(err)[:300]}"
+            return f"could not start a run ({type(err).__name__}: {str(err)[:300]})"
         return None
 
     def log_hyperparams(self, params: Any) -> None:
@@ -269,8 +275,8 @@ def connect(loggers: Sequence[Logger], config: Mapping[str, Any]) -> list[Logger
             problem = logger.open()
             if problem:
                 warn(
-                    f"{logger.where()} is unreachable ({problem}): the run continues with "
-                    "local logs only (run folder: logs, checkpoints, metrics.json)"
+                    f"{logger.where()} {problem}: the run continues with local logs only "
+                    "(run folder: logs, checkpoints, metrics.json)"
                 )
                 continue
             logger.log_hyperparams(redact(config))
@@ -327,9 +333,7 @@ def log_report(kind: str, files: Sequence[str], name: str, out: str) -> str:
         raise UpweightError(f"--tracker={kind}: expected one of {list(TRACKERS)}")
     problem = tracker.open()
     if problem:
-        raise UpweightError(
-            f"{tracker.where()} is unreachable ({problem}); the report is written in {out}"
-        )
+        raise UpweightError(f"{tracker.where()} {problem}; the report is written in {out}")
     with tempfile.TemporaryDirectory(prefix="upweight-report-") as tmp:
         tracker.log_results({}, [local_copy(f, tmp) for f in files], None)
     if tracker._failed:
