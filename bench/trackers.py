@@ -2,13 +2,13 @@
 `logger=[csv,mlflow]` against an `mlflow server` on loopback (started here: sqlite store,
 artifacts in a temporary folder), alternating, in this one process.
 
-    python bench/trackers.py [--rows 400000] [--repeats 3] [--tracker mlflow|wandb]
+    python bench/trackers.py [--rows 1200000] [--repeats 3] [--tracker mlflow|wandb]
 
 Each timed run is the whole job (`train.__main__.train`: data, fit, best.ckpt's evaluation,
-test, metrics.json, the tracker's final logging) on a simulated feed of `--rows` training rows;
-size it so that a run takes 20-40 s, or the fixed costs dominate. One untimed run of each kind
-first: imports (mlflow's takes seconds, once per process, and is printed) and the simulator's
-caches. `--tracker wandb` runs W&B in offline mode instead (no server, no network). Prints each
+test, metrics.json, the tracker's final logging) on a simulated feed of `--rows` training rows
+(1.2M: ~27 s on one thread of a 2-core machine); size it so that a run takes 20-40 s, or the
+fixed costs dominate. One untimed run of each kind first: imports (mlflow's takes seconds,
+once per process, and is printed) and the simulator's caches. `--tracker wandb` runs W&B in offline mode instead (no server, no network). Prints each
 run's wall and CPU seconds (this process's: a loaded machine moves wall times more than CPU
 times), the medians and, last, `ratio <tracked / csv median wall time>`.
 """
@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# One thread, set before torch is imported: on a shared machine two spinning OpenMP threads
+# make CPU and wall times swing by a third from run to run.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.helpers import compose  # noqa: E402
 from train.__main__ import train  # noqa: E402
@@ -93,11 +96,10 @@ def run(overrides: list[str], folder: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--rows", type=int, default=1_200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tracker", choices=("mlflow", "wandb"), default="mlflow")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     base = [
         "hardware=cpu",
         "trainer.max_epochs=1",
@@ -138,6 +140,8 @@ def main() -> None:
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     for kind, median in medians.items():
         print(f"median {kind:>6}: {median:.2f} s wall, {statistics.median(cpus[kind]):.2f} s CPU")
+    pairs = [t / c for t, c in zip(times[args.tracker], times["csv"], strict=True)]
+    print("pair ratios " + " ".join(f"{p:.3f}" for p in pairs))
     cpu_ratio = statistics.median(cpus[args.tracker]) / statistics.median(cpus["csv"])
     print(f"cpu ratio {cpu_ratio:.4f} (this process only: not the server's)")
     print(f"ratio {medians[args.tracker] / medians['csv']:.4f}")
