@@ -1,7 +1,8 @@
 """Experiment trackers: a real `mlflow server` on loopback (sqlite store, artifacts in a temporary
 folder) tracking a tiny run with planted credentials; W&B in offline mode (no network) beside an
 MLflow server that is not there; a sweep report logged as a run of its own. One server and two
-training runs for the whole module, every assert reads their results."""
+training runs for the whole module, every assert reads their results. Marked e2e: a server
+process and two real runs (~40 s on 2 cores), beyond the fast default set."""
 
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ def tracked(mlflow_server: str, tmp_path_factory) -> Tracked:
     return Tracked(folder, client, run, artifacts)
 
 
+@pytest.mark.e2e
 def test_params_are_the_config_redacted(tracked: Tracked):
     params = tracked.run.data.params
     assert params["weights/name"] == "click_only"
@@ -141,6 +143,7 @@ def test_params_are_the_config_redacted(tracked: Tracked):
     assert tracked.run.info.status == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_final_metrics_are_metrics_json(tracked: Tracked):
     final = json.loads((tracked.folder / "metrics.json").read_text())
     logged = tracked.run.data.metrics
@@ -152,6 +155,7 @@ def test_final_metrics_are_metrics_json(tracked: Tracked):
     assert len(history) == 3 and history[-1].step == max(h.step for h in history)
 
 
+@pytest.mark.e2e
 def test_run_files_and_best_checkpoint_are_artifacts(tracked: Tracked):
     assert set(tracked.artifacts) == {*RUN_FILES, "checkpoints/best.ckpt"}
     for name in RUN_FILES:
@@ -160,6 +164,7 @@ def test_run_files_and_best_checkpoint_are_artifacts(tracked: Tracked):
     assert tracked.artifacts["checkpoints/best.ckpt"] == best.read_bytes()
 
 
+@pytest.mark.e2e
 def test_no_credential_reaches_the_tracker(tracked: Tracked):
     texts = [
         *tracked.run.data.params.values(),
@@ -171,6 +176,7 @@ def test_no_credential_reaches_the_tracker(tracked: Tracked):
         assert not [n for n, data in tracked.artifacts.items() if secret.encode() in data]
 
 
+@pytest.mark.e2e
 def test_csv_log_is_kept_beside_the_tracker(tracked: Tracked):
     rows = log_rows(tracked.folder)
     assert len([r for r in rows if "val/click/auc" in r]) == 2  # the epoch, best.ckpt's evaluation
@@ -227,6 +233,7 @@ def wandb_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
+@pytest.mark.e2e
 def test_unreachable_mlflow_is_dropped_with_one_warning(offline):
     folder, stderr, took = offline
     warnings = [line for line in stderr.splitlines() if "MLflow at http://127.0.0.1:" in line]
@@ -239,6 +246,7 @@ def test_unreachable_mlflow_is_dropped_with_one_warning(offline):
     assert not (folder / "mlruns").exists()
 
 
+@pytest.mark.e2e
 def test_wandb_offline_run_lives_in_the_run_folder(offline):
     folder, _, _ = offline
     (run,) = (folder / "wandb").glob("offline-run-*")
@@ -256,6 +264,7 @@ def test_wandb_offline_run_lives_in_the_run_folder(offline):
 # ------------------------------------------------------------------------------------ report
 
 
+@pytest.mark.e2e
 def test_report_is_logged_as_a_run(mlflow_server: str, tmp_path: Path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
