@@ -67,7 +67,7 @@ def test_groups_are_the_axes_of_variation():
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
 )
-def test_option_composes_and_instantiates(group, option, tmp_path):
+def test_option_composes_and_instantiates(group, option, tmp_path, monkeypatch):
     text = (CONF / group / f"{option}.yaml").read_text()
     assert text.startswith("#"), f"train/conf/{group}/{option}.yaml must open with a comment"
     overrides = [f"{group}={option}"]
@@ -98,8 +98,13 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         if cfg.scheduler:
             opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
             instantiate(cfg.scheduler)(opt, 100).step()
-    elif group == "logger":
-        assert instantiate(cfg.logger) is not None
+    elif group == "logger":  # a mapping of named loggers: `logger=[csv,mlflow]` selects several
+        from lightning.pytorch.loggers import Logger
+
+        # a tracker's server is read from the environment and reached only when the job starts
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        assert list(cfg.logger) == [option]
+        assert isinstance(instantiate(cfg.logger[option]), Logger)
     elif group == "hardware":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.num_devices >= 1

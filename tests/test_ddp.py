@@ -39,7 +39,9 @@ def test_two_processes_match_one(tmp_path):
         "hardware.devices=2",
         "data.batch_size=512",
         f"paths.output_dir={tmp_path}/two",
+        "logger=[csv,wandb]",  # a tracker that only rank 0 may start (offline: no network)
         cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "DDP" in two.stderr or "distributed" in (two.stderr + two.stdout).lower()
@@ -53,5 +55,6 @@ def test_two_processes_match_one(tmp_path):
     assert m1.keys() == m2.keys()
     for key in m1:
         assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
-    # only rank 0 wrote the run folder's files
+    # only rank 0 wrote the run folder's files, and started a tracker run
     assert len(list((tmp_path / "two").glob("metrics*.json"))) == 1
+    assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1

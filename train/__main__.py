@@ -21,6 +21,7 @@ from train import (
     outputs,
     resolvers,
     storage,
+    trackers,
     warmstart,
     weights,
 )
@@ -90,7 +91,8 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         trainer: L.Trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
-            logger=instantiate(cfg.logger),
+            # every logger selected (`logger=[csv,mlflow]`), less unreachable trackers
+            logger=trackers.connect([instantiate(c) for c in cfg.logger.values() if c], config),
             plugins=checkpoint_io.plugins(),
         )
         data.check_device(trainer.strategy.root_device)  # data.device=cuda on a CUDA run only
@@ -99,7 +101,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             cfg.resume, cfg.ckpt_path, checkpoint_io.folders(trainer)
         )
     if trainer.is_global_zero:
-        storage.write_text(join(run_dir, CONFIG_FILE), outputs.config_yaml(container(cfg)))
+        storage.write_text(join(run_dir, CONFIG_FILE), outputs.config_yaml(config))
         storage.write_text(join(run_dir, STATS_FILE), stats.to_json())
 
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -115,6 +117,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
 
     if trainer.is_global_zero:
         storage.write_json(join(run_dir, METRICS_FILE), metrics)
+        trackers.finish(trainer, run_dir, metrics)  # final metrics, files; closes their runs
         print(f"\n{scheme.describe()}\n{outputs.format_table(metrics, data.spec.behaviour_names)}")
         print(f"run folder: {run_dir}")
     if torch.distributed.is_initialized():  # under torchrun rank 0 may abort at exit without it

@@ -169,14 +169,15 @@ class LogPosition(L.Callback):
         if trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
         saved = checkpoint.get(POSITION_KEY) or {}
-        positions = saved.get("loggers") or []
-        if len(positions) != len(trainer.loggers):
+        # Matched over the resumable logs only: a tracker (MLflow, W&B) added, removed or
+        # dropped as unreachable between the runs leaves the CSV and TensorBoard logs whole.
+        positions = [p for p in saved.get("loggers") or [] if p is not None]
+        resumable = [logger for logger in trainer.loggers if isinstance(logger, Resumable)]
+        if len(positions) != len(resumable):
             log.warning("the checkpoint's log positions are for other loggers: logs restart")
-            positions = [None] * len(trainer.loggers)
+            positions = [None] * len(resumable)
         pending = saved.get("pending")
-        for logger, position in zip(trainer.loggers, positions, strict=True):
-            if not isinstance(logger, Resumable):
-                continue
+        for logger, position in zip(resumable, positions, strict=True):
             logger.resume_at(position)
             if pending:
                 logger.log_metrics(pending["metrics"], pending["step"])

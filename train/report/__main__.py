@@ -1,5 +1,6 @@
 """`python -m train.report DIR_OR_URL ... [--metrics ...] [--split test] [--baseline LABEL]
-[--out DIR_OR_URL] [--fusion-grid 0,0.5,1]`: the command line of the report.
+[--out DIR_OR_URL] [--fusion-grid 0,0.5,1] [--tracker mlflow|wandb [--tracker-run NAME]]`: the
+command line of the report.
 
 Only argument parsing and the one place that turns the report's input errors (`ReportError`,
 `FusionError`, a missing file) into a one-line exit instead of a traceback; the work is the
@@ -45,6 +46,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         help="α values of each non-label head swept over each multi-task run's test predictions "
         "(the label head keeps α=1; default: %(default)s)",
     )
+    parser.add_argument(
+        "--tracker",
+        choices=("mlflow", "wandb"),
+        help="also log report.md, report.csv and pareto.png as a run of this tracker, "
+        "connected from the environment as the job's loggers are (MLFLOW_TRACKING_URI and "
+        "MLFLOW_EXPERIMENT_NAME; WANDB_MODE, WANDB_PROJECT, ...)",
+    )
+    parser.add_argument(
+        "--tracker-run", help="the tracker run's name (default: report-<output folder name>)"
+    )
     args = parser.parse_args(argv)
     try:
         grid = parse_grid(args.fusion_grid)
@@ -58,6 +69,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         sys.exit(f"error: {err}")
     print(to_markdown(report, image=None))
     print("wrote " + ", ".join(written))
+    if args.tracker:
+        from train.errors import UpweightError
+        from train.trackers import log_report
+
+        out = args.out or args.roots[0]
+        name = args.tracker_run or "report-" + out.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            print(log_report(args.tracker, written, name, out))
+        except UpweightError as err:
+            sys.exit(f"error: {err}")
     return written
 
 
