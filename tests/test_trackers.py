@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.helpers import TINY, compose, log_rows, train_in_process
+from train.trackers import mlflow_key
 
 RUN = [*TINY, "trainer.max_epochs=1"]
 CONFIG_SECRET = f"CFG-SECRET-{uuid.uuid4().hex}"
@@ -149,7 +150,7 @@ def test_final_metrics_are_metrics_json(tracked: Tracked):
     logged = tracked.run.data.metrics
     assert {k.split("/")[0] for k in final} == {"val", "test"}
     for key, value in final.items():
-        assert logged[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+        assert logged[mlflow_key(key)] == pytest.approx(value, rel=1e-6, nan_ok=True), key
     # logged as training went too: the epoch, the evaluation of best.ckpt, the final value
     history = tracked.client.get_metric_history(tracked.run.info.run_id, "val/click/auc")
     assert len(history) == 3 and history[-1].step == max(h.step for h in history)

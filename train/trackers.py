@@ -45,6 +45,12 @@ RUN_FILES = (METRICS_FILE, CONFIG_FILE, STATS_FILE)
 WANDB_OFFLINE_MODES = frozenset({"offline", "dryrun", "disabled"})
 
 
+def mlflow_key(name: str) -> str:
+    """A metric name as MLflow stores it: MLflow refuses `@` (`click/ndcg@10` ->
+    `click/ndcg_at_10`; Lightning would drop it silently, `ndcg10`)."""
+    return name.replace("@", "_at_")
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -162,7 +168,8 @@ class MLFlowLogger(Tracker, LightningMLFlowLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is not None:
             self.last_step = max(self.last_step, int(step))
-        self.guarded(lambda: super(MLFlowLogger, self).log_metrics(metrics, step))
+        named = {mlflow_key(k): v for k, v in metrics.items()}
+        self.guarded(lambda: super(MLFlowLogger, self).log_metrics(named, step))
 
     def finalize(self, status: str = "success") -> None:
         # Lightning calls it after each stage (fit, validate, test): `finish` closes the run
