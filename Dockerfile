@@ -5,7 +5,8 @@
 #   docker run --gpus all -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY upweight \
 #     weights=seed paths.output_dir=s3://bucket/runs/seed
 # BASE_IMAGE: any image with Python >= 3.10 and pip; PyTorch is taken from it when it has one
-# (the default: CUDA 12.8, cuDNN 9), else installed. EXTRAS: the storage backends to include.
+# (the default: CUDA 12.8, cuDNN 9), else installed. EXTRAS: the storage backends (and trackers:
+# mlflow, wandb) to include.
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS base
