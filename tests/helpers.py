@@ -12,10 +12,15 @@ the one way to run it in-process, and checkpoints to score.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +252,58 @@ def scalars(table):
     """`table` without its list columns (Arrow writes no list to CSV): for CSV files of the
     simulator's rows."""
     return table.drop_columns([f.name for f in table.schema if str(f.type).startswith("list")])
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """`mlflow server` on a free loopback port (sqlite store and artifacts in `folder`); its URL.
+    Stopped, with its workers, on exit."""
+    from tests.conftest import free_port
+
+    found = Path(sys.executable).with_name("mlflow")
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(found) if found.exists() else shutil.which("mlflow") or "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        # No job runner: its workers cost seconds of CPU and nothing here uses them.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its uvicorn worker is stopped with it (process group)
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # cold imports: ~20 s on an idle machine
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not answer: {(folder / 'server.log').read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+        log.close()

@@ -9,14 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
-import signal
 import struct
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests import helpers
 from tests.conftest import free_port
 from tests.helpers import TINY, compose, log_rows, train_in_process
 from train.trackers import mlflow_key
@@ -35,62 +30,11 @@ ENV_SECRET = f"ENV-SECRET-{uuid.uuid4().hex}"
 RUN_FILES = {"metrics.json", "config.yaml", "stats.json"}
 
 
-def mlflow_command() -> str:
-    found = Path(sys.executable).with_name("mlflow")
-    return str(found) if found.exists() else shutil.which("mlflow") or "mlflow"
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """`mlflow server` on a free loopback port; its URL. Stopped, with its workers, at the end."""
     pytest.importorskip("mlflow")
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = (folder / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            mlflow_command(),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{folder}/mlflow.db",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        # No job runner: its workers cost seconds of CPU and nothing here uses them.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its uvicorn worker is stopped with it (process group)
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # cold imports: ~20 s on an idle machine
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not answer: {(folder / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.3)
+    with helpers.mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
-        log.close()
 
 
 @dataclass(frozen=True)
