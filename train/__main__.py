@@ -92,7 +92,10 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             cfg.trainer,
             callbacks=callbacks,
             # every logger selected (`logger=[csv,mlflow]`), less unreachable trackers
-            logger=trackers.connect([instantiate(c) for c in cfg.logger.values() if c], config),
+            # (the config as a warm start left it)
+            logger=trackers.connect(
+                [instantiate(c) for c in cfg.logger.values() if c], container(cfg)
+            ),
             plugins=checkpoint_io.plugins(),
         )
         data.check_device(trainer.strategy.root_device)  # data.device=cuda on a CUDA run only
@@ -101,7 +104,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             cfg.resume, cfg.ckpt_path, checkpoint_io.folders(trainer)
         )
     if trainer.is_global_zero:
-        storage.write_text(join(run_dir, CONFIG_FILE), outputs.config_yaml(config))
+        storage.write_text(join(run_dir, CONFIG_FILE), outputs.config_yaml(container(cfg)))
         storage.write_text(join(run_dir, STATS_FILE), stats.to_json())
 
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
