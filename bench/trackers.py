@@ -94,6 +94,17 @@ def main() -> None:
     print("pair ratios " + " ".join(f"{p:.3f}" for p in pairs))
     cpu_ratio = statistics.median(cpus[args.tracker]) / statistics.median(cpus["csv"])
     print(f"cpu ratio {cpu_ratio:.4f} (this process only: not the server's)")
+    # Time spent waiting (wall - CPU of this process), per run: the tracker's calls to its
+    # server, immune to how fast the shared CPU happens to run during a pair.
+    waits = {
+        kind: statistics.median(w - c for w, c in zip(times[kind], cpus[kind], strict=True))
+        for kind in times
+    }
+    extra = waits[args.tracker] - waits["csv"]
+    print(
+        f"waiting: csv {waits['csv']:.3f} s, {args.tracker} {waits[args.tracker]:.3f} s a run: "
+        f"+{extra:.3f} s = {100 * extra / medians['csv']:.2f}% of the csv run"
+    )
     print(f"ratio {medians[args.tracker] / medians['csv']:.4f}")
 
 
