@@ -63,13 +63,16 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             cfg.metrics.ndcg_k,
             weights.gain_scheme(cfg.metrics.ndcg_gain),
         )
-        goals = objectives.check_run(  # exact now: which behaviours are continuous is measured
+        goals = objectives.check(  # exact now: which behaviours are continuous is measured
             config.get("objectives"),
-            spec,
-            stats,
-            scheme.label,
-            model_config.get("heads"),
-            evaluation.ndcg_key(scheme.label),
+            objectives.logged(
+                spec.behaviour_names,
+                scheme.label,
+                spec.oracle_names,
+                model_config.get("heads") or (),
+                stats.continuous,
+                evaluation.ndcg_key(scheme.label),
+            ),
         )
         network = instantiate(network_config(model_config))
         module = RankingModule(

@@ -20,14 +20,10 @@ a search that chooses weights by the test split leaves no unbiased estimate of t
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from train.errors import ConfigError
 from train.pareto import default_direction
-
-if TYPE_CHECKING:
-    from train.data.features import FeatureSpec
-    from train.data.stats import TrainStats
 
 SPLIT = "val"
 OPTUNA_DIRECTIONS = {"max": "maximize", "min": "minimize"}
@@ -198,19 +194,3 @@ def values(objectives: Sequence[str], metrics: Mapping[str, float]) -> float | t
         raise RuntimeError(f"objectives {missing} were checked but not logged: {sorted(metrics)}")
     found = tuple(float(metrics[n]) for n in objectives)
     return found[0] if len(found) == 1 else found
-
-
-def check_run(
-    objectives: Any,
-    spec: FeatureSpec,
-    stats: TrainStats,
-    label: str,
-    heads: Collection[str] | None,
-    ndcg: str | None = None,
-) -> list[str]:
-    """`check` against the exact names this run logs, once its training split is measured
-    (`heads`: a multi-task model's, None for one logit; `ndcg`: its NDCG key)."""
-    names = logged(
-        spec.behaviour_names, label, spec.oracle_names, heads or (), stats.continuous, ndcg
-    )
-    return check(objectives, names)
