@@ -50,6 +50,9 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         config = container(cfg)
         config_checks.check(config, objectives.sweeper_directions())
         L.seed_everything(cfg.seed, workers=True)
+        # sharding=torchrec: tables sharded over the ranks; none: whole on every rank (DDP)
+        engine = instantiate(cfg.sharding)
+        engine.check(cfg.trainer.accelerator, cfg.nonfinite, cfg.trainer.accumulate_grad_batches)
         scheme = instantiate(cfg.weights)
         model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
         head_schemes = weights.head_schemes(model_config.get("head_weights"))
@@ -76,7 +79,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         )
         network = instantiate(network_config(model_config))
         module = RankingModule(
-            network(spec.cardinalities, len(spec.dense), **spec.network_options),
+            engine.build(network, spec, cfg.seed),
             scheme,
             spec,
             stats,
@@ -100,6 +103,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
                 [instantiate(c) for c in cfg.logger.values() if c], container(cfg)
             ),
             plugins=checkpoint_io.plugins(),
+            strategy=engine.strategy(cfg.trainer.strategy),
         )
         data.check_device(trainer.strategy.root_device)  # data.device=cuda on a CUDA run only
         # ckpt_path, or with resume=auto the newest loadable checkpoint of this run folder

@@ -21,7 +21,7 @@ from torch import nn
 from train.calibration import OddsCorrection
 from train.data.features import FeatureSpec
 from train.errors import UpweightError
-from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY, CALIBRATION_KEY
+from train.layout import ARTIFACT_FORMAT, ARTIFACT_KEY, CALIBRATION_KEY, SHARDS_KEY
 from train.model import network_config, network_logits
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
 from train.secrets import safe_url, scrub
@@ -101,6 +101,12 @@ def contents(
         raise CheckpointError(
             f"{where}: upweight checkpoint format {artifact.get('format')!r}; this version reads "
             f"format {ARTIFACT_FORMAT} (written by `python -m train` of a matching version)"
+        )
+    if SHARDS_KEY in artifact:
+        raise CheckpointError(
+            f"{where}: a sharded run's checkpoint (sharding=torchrec): its tables are in the "
+            "shards beside it; write an ordinary run with `python -m train.consolidate RUN OUT` "
+            "and use OUT's checkpoints"
         )
     for key in ("model", "spec", "stats"):
         if not isinstance(artifact.get(key), dict):

@@ -47,6 +47,11 @@ ARTIFACT_KEY = "upweight"
 CALIBRATION_KEY = "calibration"
 """`checkpoint["upweight"]["calibration"]`: the label's odds correction fitted on validation for
 the checkpoint's weights (`train.calibration.OddsCorrection`; absent: no `p_calibrated`)."""
+SHARDS_KEY = "shards"
+"""`checkpoint["upweight"]["shards"]`: a sharded run's checkpoint keeps its tables in the folder
+`<file>.shards/<folder>` (`train.sharding`); absent: the file holds every weight."""
+SHARDING_PLAN_FILE = "sharding_plan.json"
+"""A sharded run's plan: every rank's shards (table, rows, columns, bytes)."""
 
 
 def join(folder: str, *names: str) -> str:

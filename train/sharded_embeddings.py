@@ -1,0 +1,162 @@
+"""The embedding tables of a sharded run (`sharding=torchrec`, see `train.sharding`): the module
+that takes `FeatureEmbeddings`' place in a network, its plan-independent initial rows, and what
+each rank holds. torchrec is imported only when one is built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE_FLOATS_PER_ROW = {"sgd": 0.0, "adagrad": 1.0, "rowwise_adagrad": 0.0, "adam": 2.0}
+"""Optimizer state per table value (`rowwise_adagrad`: one float per row, counted apart)."""
+
+INIT_STD = 0.01  # as FeatureEmbeddings: small rows, so rarely seen ids add little noise
+INIT_CHUNK = 1 << 16
+"""Rows drawn from one seeded generator: a table's values depend on the seed and the row, never
+on the plan, so every sharding starts from the same tables."""
+
+
+class TorchRecEmbeddings(nn.Module):
+    """`FeatureEmbeddings`' place in a network when the tables are sharded: one TorchRec table
+    per categorical column (named after it), fed a KeyedJaggedTensor of the batch's ids (one id
+    per row and column). Pooled outputs are read by name: a sharded collection returns them
+    grouped by shard, not in column order."""
+
+    def __init__(self, tables: Mapping[str, int], dim: int, seed: int) -> None:
+        super().__init__()
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+
+        self.tables = dict(tables)
+        self.names = list(tables)
+        self.dim = dim
+        self.seed = seed
+        self.sharded = False
+        self.first_order = None
+        self.num_categorical = len(self.names)
+        # On the meta device: the sharder allocates each rank's shards only.
+        self.collection = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=t,
+                    embedding_dim=dim,
+                    num_embeddings=rows,
+                    feature_names=[t],
+                    pooling=PoolingType.SUM,
+                )
+                for t, rows in self.tables.items()
+            ],
+            device=torch.device("meta"),
+        )
+
+    @property
+    def num_fields(self) -> int:
+        return self.num_categorical
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TorchRecEmbeddings:
+        # Unsharded, the tables are meta tensors, which cannot move: a run that stops before
+        # sharding (its error) still tears down (`.cpu()`), and the sharder places the shards.
+        if not self.sharded:
+            return self
+        return super()._apply(fn, recurse)
+
+    def forward(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.lookup(categorical, sequences)[0]
+
+    def lookup(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        from torchrec import KeyedJaggedTensor
+
+        # Key-major values: every row's id of the first column, then the second's, ...
+        ids = KeyedJaggedTensor(
+            keys=self.names,
+            values=categorical.t().reshape(-1),
+            lengths=torch.ones(categorical.numel(), dtype=torch.int32, device=categorical.device),
+        )
+        pooled = self.collection(ids).to_dict()
+        return torch.stack([pooled[t] for t in self.names], dim=1), None
+
+    def local_shards(self) -> dict[str, list[tuple[list[int], torch.Tensor]]]:
+        """Table -> this rank's shards as (offsets [row, column], values)."""
+        out: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+        for key, value in self.collection.state_dict().items():
+            table = key.split(".")[-2]  # embedding_bags.<table>.weight
+            out[table] = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+        return out
+
+    @torch.no_grad()
+    def initialise(self) -> None:
+        for table, shards in self.local_shards().items():
+            j = self.names.index(table)  # the table's number, the same on every rank
+            for (row, column), values in shards:
+                rows, columns = values.shape
+                values.copy_(
+                    initial_rows(self.seed, j, row, rows, self.dim)[:, column:][:, :columns]
+                )
+
+    def shard_report(self, optimizer: str) -> list[dict[str, Any]]:
+        """This rank's shards, gathered from every rank: what each rank really holds."""
+        import torch.distributed as dist
+
+        mine = [
+            {
+                "table": table,
+                "rank": dist.get_rank(),
+                "row": row,
+                "column": column,
+                "rows": values.shape[0],
+                "columns": values.shape[1],
+            }
+            for table, shards in self.local_shards().items()
+            for (row, column), values in shards
+        ]
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        rows = [r for part in everyone for r in part]
+        for r in rows:
+            values = r["rows"] * r["columns"]
+            state = STATE_FLOATS_PER_ROW[optimizer] * values
+            if optimizer == "rowwise_adagrad":  # one value per row of every shard
+                state = r["rows"]
+            r["bytes"] = int(4 * (values + state))
+        return rows
+
+
+def initial_rows(seed: int, table: int, start: int, count: int, dim: int) -> torch.Tensor:
+    """Rows [start, start + count) of table number `table`: N(0, INIT_STD²) values drawn in
+    fixed chunks of INIT_CHUNK rows, each from its own seeded generator."""
+    first, last = start // INIT_CHUNK, (start + count - 1) // INIT_CHUNK
+    parts = []
+    for chunk in range(first, last + 1):
+        generator = torch.Generator().manual_seed(
+            ((seed * 1_000_003 + table) * 1_000_003 + chunk) % (1 << 62)
+        )
+        parts.append(torch.randn(INIT_CHUNK, dim, generator=generator) * INIT_STD)
+    block = torch.cat(parts)
+    offset = start - first * INIT_CHUNK
+    return block[offset : offset + count]
+
+
+def plan_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The plan as a table a person reads: table, sharding, each rank's rows × columns and MiB."""
+    per_rank: dict[int, int] = {}
+    lines = [
+        "table | rank | rows | columns | MiB (with optimizer state)",
+        "--- | --- | --- | --- | ---",
+    ]
+    for r in sorted(rows, key=lambda r: (r["table"], r["rank"], r["row"], r["column"])):
+        per_rank[r["rank"]] = per_rank.get(r["rank"], 0) + r["bytes"]
+        lines.append(
+            f"{r['table']} | {r['rank']} | {r['row']}..{r['row'] + r['rows']} | "
+            f"{r['column']}..{r['column'] + r['columns']} | {r['bytes'] / 2**20:.2f}"
+        )
+    lines.append(
+        "per rank: "
+        + ", ".join(f"rank {k}: {v / 2**20:.2f} MiB" for k, v in sorted(per_rank.items()))
+    )
+    return "\n".join(lines)
