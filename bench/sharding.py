@@ -6,8 +6,9 @@ The job itself (`python -m train`, 2 CPU processes over gloo, one thread each, g
 on the simulated feed with its 6 id columns hashed into `--scale` × the buckets of
 bench/throughput.py's workload (user 100k, video 50k, author 10k, category, hour, device), once
 replicated (`sharding=none`: whole tables, sparse gradients, the default SparseDenseAdam) and
-once sharded (`sharding=torchrec`, its default row-wise Adagrad; `--plan row_wise` shards the
-user and video tables by rows instead of whole tables). A probe callback records each rank's
+once sharded (`sharding=torchrec`, its default row-wise Adagrad, or `--optimizer adagrad`: a
+state value per weight; `--plan row_wise` shards the user and video tables by rows instead of
+whole tables). A probe callback records each rank's
 peak RSS and the training rows/s after 5 warm-up steps. Prints both arms, then
 `memory ratio <sharded / replicated peak RSS, the larger rank of each>` and
 `throughput ratio <sharded / replicated rows/s>`.
@@ -97,10 +98,13 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--plan", choices=("table_wise", "row_wise"), default="table_wise")
+    parser.add_argument(
+        "--optimizer", default="rowwise_adagrad", help="the sharded arm's sharding.optimizer"
+    )
     args = parser.parse_args()
     table_mib = sum(BUCKETS.values()) * args.scale * 16 * 4 / 2**20
     print(f"tables: {sum(BUCKETS.values()) * args.scale:,} rows x 16 = {table_mib:,.0f} MiB")
-    sharded = ["sharding=torchrec"]
+    sharded = ["sharding=torchrec", f"sharding.optimizer={args.optimizer}"]
     if args.plan == "row_wise":
         sharded.append("sharding.plan={user_id: row_wise, video_id: row_wise}")
     with tempfile.TemporaryDirectory() as folder:

@@ -95,9 +95,13 @@ class TorchRecEmbeddings(nn.Module):
             j = self.names.index(table)  # the table's number, the same on every rank
             for (row, column), values in shards:
                 rows, columns = values.shape
-                values.copy_(
-                    initial_rows(self.seed, j, row, rows, self.dim)[:, column:][:, :columns]
-                )
+                # A chunk at a time: a whole shard's draw would double its memory at the start.
+                for start in range(row, row + rows, INIT_CHUNK):
+                    count = min(INIT_CHUNK, row + rows - start)
+                    block = initial_rows(self.seed, j, start, count, self.dim)
+                    values[start - row : start - row + count].copy_(
+                        block[:, column : column + columns]
+                    )
 
     def shard_report(self, optimizer: str) -> list[dict[str, Any]]:
         """This rank's shards, gathered from every rank: what each rank really holds."""
