@@ -45,14 +45,20 @@ LABELS = ["click", "finish", "like", "watch_s", "p_click", "p_finish", "p_like",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """One process at batch 1024 (every table whole on its only rank); two processes at 512
-    with whole tables; two with a row-wise and a column-wise table, killed mid-epoch and
+def runs(tmp_path_factory, s3_server) -> dict[str, Path]:
+    """One process at batch 1024 (every table whole on its only rank), its run folder and
+    shards on S3 (a moto server on loopback), consolidated from there to `one`; two processes at
+    512 with whole tables; two with a row-wise and a column-wise table, killed mid-epoch and
     resumed."""
+    from train.consolidate import consolidate
+
     root = tmp_path_factory.mktemp("sharded")
     environment = dict(os.environ)
     try:
-        train_in_process(*COMMON, "data.batch_size=1024", output_dir=root / "one")
+        os.environ.update(s3_server.env)
+        url = s3_server.bucket("sharded") + "/one"
+        train_in_process(*COMMON, "data.batch_size=1024", output_dir=url)
+        consolidate(url, str(root / "one"))
     finally:  # Lightning left its rendezvous port here, which the jobs below would inherit
         os.environ.clear()
         os.environ.update(environment)
@@ -79,18 +85,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"one": root / "one", "table": root / "table", "mixed": root / "mixed"}
 
 
-def consolidated_state(run: Path, out: Path) -> dict[str, torch.Tensor]:
-    from train.consolidate import consolidate
+def consolidated_state(run: Path, out: Path | None = None) -> dict[str, torch.Tensor]:
+    """The run's last.ckpt weights, consolidated into `out` first (None: `run` is consolidated)."""
+    if out is not None:
+        from train.consolidate import consolidate
 
-    consolidate(str(run), str(out))
-    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        consolidate(str(run), str(out))
+        run = out
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 @needs_torchrec
 @pytest.mark.ddp
 def test_sharded_processes_train_as_one_unsharded_process(runs, tmp_path):
     one = json.loads((runs["one"] / "metrics.json").read_text())
-    reference = consolidated_state(runs["one"], tmp_path / "one")
+    reference = consolidated_state(runs["one"])  # written on S3, consolidated from there
     for name in ("table", "mixed"):
         metrics = json.loads((runs[name] / "metrics.json").read_text())
         assert metrics.keys() == one.keys()
@@ -111,7 +120,7 @@ def test_each_rank_holds_only_its_shards(runs):
     def plan(run: str) -> list[dict]:
         return json.loads((runs[run] / "sharding_plan.json").read_text())["shards"]
 
-    spec = yaml.safe_load((runs["one"] / "config.yaml").read_text())["data"]["categorical"][0]
+    spec = yaml.safe_load((runs["table"] / "config.yaml").read_text())["data"]["categorical"][0]
     whole = plan("table")
     for table, rows in spec.items():
         shards = [s for s in whole if s["table"] == table]
@@ -175,6 +184,7 @@ def test_initial_tables_do_not_depend_on_the_plan():
         (["sharding.optimizer=adam"], "sharding.optimizer=adam: fbgemm's CPU build"),
         (["nonfinite=skip"], "nonfinite=skip"),
         (["model=deepfm"], "first-order table"),
+        (["init_from=/no/such/run"], "a warm start into a sharded run is not supported"),
     ],
 )
 @needs_torchrec
@@ -195,3 +205,24 @@ def test_without_the_engine_the_error_names_the_install_command(tmp_path, monkey
     assert not out.exists()
     with pytest.raises(ShardingError, match=r"sharding\.lr"):
         TorchRec(lr=0)
+
+
+@needs_torchrec
+def test_the_planner_keeps_every_table_sharded_and_fused(tmp_path):
+    import torch.distributed as dist
+
+    from train.sharded_embeddings import TorchRecEmbeddings
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        embeddings = TorchRecEmbeddings({"a": 1000, "b": 10, "c": 5}, 16, seed=0)
+        engine = TorchRec(default="auto", plan={"a": "column_wise"})
+        sizes = {t: (rows, 16) for t, rows in embeddings.tables.items()}
+        plan = engine.module_plan(embeddings.collection, sizes, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert sorted(plan) == ["a", "b", "c"]
+    assert plan["a"].sharding_type == "column_wise"  # the config's constraint
+    # never replicated (data_parallel): the job's DDP does not reduce the tables
+    assert all(p.sharding_type in ("table_wise", "column_wise") for p in plan.values())
+    assert all(p.compute_kernel == "fused" for p in plan.values())

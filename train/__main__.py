@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         L.seed_everything(cfg.seed, workers=True)
         # sharding=torchrec: tables sharded over the ranks; none: whole on every rank (DDP)
         engine = instantiate(cfg.sharding)
-        engine.check(cfg.trainer.accelerator, cfg.nonfinite, cfg.trainer.accumulate_grad_batches)
+        engine.check(config)  # what it cannot honour, before the data is read
         scheme = instantiate(cfg.weights)
         model_config = container(cfg.model)  # the network's, and its heads' training (multi-task)
         head_schemes = weights.head_schemes(model_config.get("head_weights"))

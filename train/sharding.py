@@ -64,7 +64,7 @@ class ShardingError(ConfigError):
 class Replicated:
     """`sharding=none`: every rank holds the whole tables (the network's own embeddings, DDP)."""
 
-    def check(self, accelerator: str, nonfinite: str, accumulate_grad_batches: int) -> None:
+    def check(self, config: Mapping[str, Any]) -> None:
         pass
 
     def build(self, network: Any, spec: FeatureSpec, seed: int) -> nn.Module:
@@ -111,10 +111,19 @@ class TorchRec:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ShardingError(f"sharding.{key}={value!r}: expected a positive number")
 
-    def check(self, accelerator: str, nonfinite: str, accumulate_grad_batches: int) -> None:
-        """What can be refused before any data is read: the engine's presence, the optimizer on
-        this device, and training options a fused update cannot honour."""
+    def check(self, config: Mapping[str, Any]) -> None:
+        """What can be refused before any data is read (`config`: the job's resolved config):
+        the engine's presence, the optimizer on this device, and training options a fused
+        update cannot honour."""
         require_torchrec()
+        trainer = config["trainer"]
+        accelerator, init_from = trainer["accelerator"], config.get("init_from")
+        nonfinite, accumulate_grad_batches = config["nonfinite"], trainer["accumulate_grad_batches"]
+        if init_from:
+            raise ShardingError(
+                f"init_from={init_from}: a warm start into a sharded run is not supported yet "
+                "(its weights are laid out for whole tables); train it with sharding=none"
+            )
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         if on_cpu and self.optimizer not in CPU_OPTIMIZERS:
             raise ShardingError(
@@ -213,9 +222,15 @@ class TorchRec:
                     f"over {world} ranks"
                 )
         if self.default == "auto":
+            # Every table sharded with the fused kernel: the planner would otherwise replicate
+            # small tables (data-parallel), which only DistributedModelParallel's own DDP
+            # reduces; the job's DDP leaves the tables out.
             constraints = {
-                t: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])
-                for t, kind in self.plan.items()
+                t: ParameterConstraints(
+                    sharding_types=[self.plan[t]] if t in self.plan else list(SHARDING_TYPES),
+                    compute_kernels=["fused"],
+                )
+                for t in sizes
             }
             planner = EmbeddingShardingPlanner(
                 topology=Topology(world_size=world, compute_device=device.type),
