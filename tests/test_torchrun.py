@@ -1,8 +1,10 @@
 """Two nodes simulated on one host: two `torchrun --nnodes 2` agents on loopback (c10d
-rendezvous), one training process each, DDP over gloo; Lightning sees TorchElasticEnvironment."""
+rendezvous), one training process each, DDP over gloo; Lightning sees TorchElasticEnvironment.
+With `sharding=torchrec` too: the tables sharded across the nodes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +20,19 @@ from tests.helpers import ENV, TINY
 
 
 @pytest.mark.ddp
-def test_two_torchrun_nodes_train_one_run(tmp_path):
+@pytest.mark.parametrize(
+    "sharding",
+    [
+        "none",
+        pytest.param(  # the tables sharded over the two nodes (TorchRec's all-to-all on gloo)
+            "torchrec",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torchrec") is None, reason="optional torchrec absent"
+            ),
+        ),
+    ],
+)
+def test_two_torchrun_nodes_train_one_run(tmp_path, sharding):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     port, run_id = free_port(), uuid.uuid4().hex[:8]
     run = tmp_path / "run"
@@ -41,6 +55,7 @@ def test_two_torchrun_nodes_train_one_run(tmp_path):
             "trainer.max_epochs=1",
             "hardware.num_nodes=2",
             "hardware.strategy=ddp",
+            f"sharding={sharding}",
             f"paths.output_dir={run}",  # one folder on the "shared filesystem" for both
         ]
         env = {**os.environ, **ENV, "UPWEIGHT_RUNS": str(tmp_path / f"outputs{node}")}
