@@ -87,7 +87,7 @@ class SlurmRequeue(L.Callback):
         trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
         message, requeued = "", False
         if trainer.is_global_zero:
-            self._remove_older(path)
+            self._remove_older(trainer, path)
             requeued, message = requeue()
         requeued = trainer.strategy.broadcast(requeued)
         if trainer.is_global_zero:
@@ -104,14 +104,15 @@ class SlurmRequeue(L.Callback):
                     numbers.append(int(match.group(1)))
         return f"{self.dirpath.rstrip('/')}/hpc_ckpt_{max(numbers) + 1}.ckpt"
 
-    def _remove_older(self, keep: str) -> None:
+    def _remove_older(self, trainer: L.Trainer, keep: str) -> None:
         fs, folder = url_to_fs(self.dirpath)
         kept = keep.rsplit("/", 1)[-1]
         for name in fs.ls(folder, detail=False, refresh=True):
             base = name.rstrip("/").rsplit("/", 1)[-1]
             if HPC_NAME.match(base) and base != kept:
                 with contextlib.suppress(FileNotFoundError):
-                    fs.rm(name)
+                    # the strategy's removal: a sharded run's shards go with their file
+                    trainer.strategy.remove_checkpoint(f"{self.dirpath.rstrip('/')}/{base}")
 
 
 def slurm_job_id() -> str:
