@@ -298,21 +298,15 @@ def run_case(zygote: Zygote, case: Case, data: Path, folder: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+def outcomes(tmp_path_factory, zygote: Zygote) -> dict[str, Outcome]:
     """Every case run once, a few at a time, each forked from one interpreter that imported
     the entry points once (what a fresh `python -m train` would import: ~10 s of CPU a case)."""
     data = tmp_path_factory.mktemp("bad_inputs")
     prepare_data(data)
     folders = {c.name: tmp_path_factory.mktemp("case") for c in CASES}
-    zygote = Zygote("train.__main__", "train.predict", "train.export")
-    try:
-        with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-            futures = {
-                c.name: pool.submit(run_case, zygote, c, data, folders[c.name]) for c in CASES
-            }
-            return {name: future.result() for name, future in futures.items()}
-    finally:
-        zygote.close()
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        futures = {c.name: pool.submit(run_case, zygote, c, data, folders[c.name]) for c in CASES}
+        return {name: future.result() for name, future in futures.items()}
 
 
 @pytest.mark.e2e

@@ -37,8 +37,8 @@ BLOWUP = [*TINY, "trainer.max_epochs=1", "data.batch_size=4096", "optimizer.lr=1
 
 
 @pytest.mark.e2e
-def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
-    done = run_job(*BLOWUP, f"paths.output_dir={tmp_path}/run", cwd=tmp_path, timeout=300)
+def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path, zygote):
+    done = zygote.run(*BLOWUP, f"paths.output_dir={tmp_path}/run", cwd=tmp_path, timeout=300)
     assert done.returncode != 0
     err = done.stderr
     assert "Traceback" not in err, err[-3000:]

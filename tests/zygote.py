@@ -69,13 +69,15 @@ class Zygote:
     def run(
         self,
         *args: str,
-        module: str,
         cwd: Path,
+        module: str = "train",
         env: Mapping[str, str] | None = None,
         timeout: float = 600,
+        check: bool = False,
     ) -> subprocess.CompletedProcess:
         """`python -m <module> <args>` in `cwd`, as `run_job` runs it (same environment), to
-        its end: its exit code, stdout and stderr."""
+        its end: its exit code, stdout and stderr. `check=True` asserts exit code 0, showing
+        the output's end otherwise."""
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             future: Future = Future()
@@ -99,9 +101,12 @@ class Zygote:
                 self._process.stdin.write(json.dumps(request) + "\n")
                 self._process.stdin.flush()
             code = future.result(timeout=timeout)
-            return subprocess.CompletedProcess(
+            done = subprocess.CompletedProcess(
                 [sys.executable, "-m", module, *args], code, out.read_text(), err.read_text()
             )
+        if check:
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        return done
 
     def close(self) -> None:
         self._process.stdin.close()
