@@ -247,13 +247,13 @@ def gcs_server() -> Iterator[GCSServer]:
 @pytest.fixture(scope="session")
 def zygote() -> Iterator[Any]:
     """`tests.zygote.Zygote` of the job's entry points (`train`, `train.predict`,
-    `train.export`), started on first use in each pytest process: `zygote.run(*args,
-    module=..., cwd=...)` runs a job as a real process like `run_job`, without its ~10 s of
-    imports. For jobs that fail on their input or run one process; DDP, signals and
-    process-tree checks keep `run_job`/`start_job`."""
+    `train.export`, `train.report`), started on first use in each pytest process:
+    `zygote.run(*args, module=..., cwd=...)` runs a job as a real process like `run_job`,
+    without its ~10 s of imports. For jobs that fail on their input or run one process; DDP,
+    signals and process-tree checks keep `run_job`/`start_job`."""
     from tests.zygote import Zygote
 
-    server = Zygote("train.__main__", "train.predict", "train.export")
+    server = Zygote("train.__main__", "train.predict", "train.export", "train.report")
     try:
         yield server
     finally:
