@@ -23,6 +23,7 @@ import torch
 
 from tests import helpers
 from tests.helpers import TINY, assert_same_logs, log_rows, session_processes, train_in_process
+from tests.zygote import Zygote
 
 RUN = [
     *TINY,
@@ -91,30 +92,42 @@ def session_gone(session: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def run_killed(*overrides: str, cwd: Path) -> str:
-    """The job, run until it kills itself: SIGKILL, and nothing of it left running."""
-    process = helpers.start_job(*overrides, cwd=cwd, merge_stderr=True, new_session=True)
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == -signal.SIGKILL, out[-4000:]
+def run_killed(*overrides: str, cwd: Path, zygote: Zygote | None = None) -> str:
+    """The job, run until it kills itself: SIGKILL, and nothing of it left running. With
+    `zygote`, a one-process job forked from it (no ~10 s of imports each time); DDP jobs
+    start a fresh interpreter (Lightning starts the other ranks from its command line)."""
+    if zygote is None:
+        process = helpers.start_job(*overrides, cwd=cwd, merge_stderr=True, new_session=True)
+        out, _ = process.communicate(timeout=300)
+        code, session = process.returncode, process.pid
+    else:
+        done = zygote.run(*overrides, cwd=cwd, merge_stderr=True, new_session=True, timeout=300)
+        out, code, session = done.stdout, done.returncode, done.pid
+    assert code == -signal.SIGKILL, out[-4000:]
     assert "killer: SIGKILL" in out, out[-4000:]
-    session_gone(process.pid)
+    session_gone(session)
     return out
 
 
-def chain(run: Path, tmp_path: Path, kills: list[list[str]], extra: list[str]) -> list[str]:
+def chain(
+    run: Path,
+    tmp_path: Path,
+    kills: list[list[str]],
+    extra: list[str],
+    zygote: Zygote | None = None,
+) -> list[str]:
     """Kill the run at each point in turn, each attempt resuming the one before."""
     outputs = []
     for number, point in enumerate(kills):
         resume = ["resume=auto"] if number else []
-        outputs.append(
-            run_killed(*RUN, *extra, *point, *resume, f"paths.output_dir={run}", cwd=tmp_path)
-        )
+        overrides = [*RUN, *extra, *point, *resume, f"paths.output_dir={run}"]
+        outputs.append(run_killed(*overrides, cwd=tmp_path, zygote=zygote))
         assert not (run / "metrics.json").exists()
     return outputs
 
 
 @pytest.mark.e2e
-def test_one_process_killed_anywhere_resumes_exactly(tmp_path):
+def test_one_process_killed_anywhere_resumes_exactly(tmp_path, zygote):
     reference = tmp_path / "reference"
     train_in_process(*RUN, output_dir=reference)
     run = tmp_path / "run"
@@ -129,6 +142,7 @@ def test_one_process_killed_anywhere_resumes_exactly(tmp_path):
             kill("test"),  # training done, the final test under way
         ],
         [],
+        zygote,
     )
     # Each restart continued from the newest whole checkpoint, never from scratch.
     for out in outputs[1:]:
@@ -162,7 +176,7 @@ def test_two_processes_killed_anywhere_resume_exactly(tmp_path):
 
 
 @pytest.mark.e2e
-def test_tensorboard_history_survives_a_kill(tmp_path):
+def test_tensorboard_history_survives_a_kill(tmp_path, zygote):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tensorboard = [
@@ -173,7 +187,13 @@ def test_tensorboard_history_survives_a_kill(tmp_path):
     ]
     train_in_process(*tensorboard, output_dir=tmp_path / "reference")
     run = tmp_path / "run"
-    run_killed(*tensorboard, *kill("train_batch_end", 27), f"paths.output_dir={run}", cwd=tmp_path)
+    run_killed(
+        *tensorboard,
+        *kill("train_batch_end", 27),
+        f"paths.output_dir={run}",
+        cwd=tmp_path,
+        zygote=zygote,
+    )
     train_in_process(*tensorboard, "resume=auto", output_dir=run)
 
     def history(folder: Path) -> dict[str, list[tuple[int, float]]]:

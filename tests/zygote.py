@@ -7,11 +7,11 @@ the module as `python -m <module> <args>` would (`runpy`, `sys.argv`, its own wo
 environment, stdout and stderr), and its exit status is the one the parent reads (a non-zero
 code for `sys.exit("error: ...")`, the traceback and 1 for an uncaught exception, minus the
 signal's number for a signal), as from `run_job`. Tests that check the entry point's import
-itself (a fresh interpreter) keep `run_job`.
+itself (a fresh interpreter) or start several processes (DDP) keep `run_job`.
 
 Protocol (this file is also the server, `python -m tests.zygote MODULE...`): one JSON request a
-line on stdin; for each, a waiter process forks the job, waits for it and writes "<id> <code>"
-on stdout.
+line on stdin; for each, a waiter process forks the job, waits for it and writes
+"<id> <pid> <code>" on stdout.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ from pathlib import Path
 from tests.helpers import ENV, ROOT
 
 
+class Finished(subprocess.CompletedProcess):
+    """A job's end, as `run_job` gives it, and its process id (with `new_session`, also the id
+    of its session: `helpers.session_processes(pid)` lists what it left running)."""
+
+    def __init__(self, args: list[str], pid: int, code: int, stdout: str, stderr: str) -> None:
+        super().__init__(args, code, stdout, stderr)
+        self.pid = pid
+
+
 class Zygote:
     """The server for `modules`, started with the environment `run_job` gives a job; `run`
     is thread-safe (jobs run side by side); `close` ends it and anything it left running."""
@@ -58,9 +67,9 @@ class Zygote:
 
     def _read(self) -> None:
         for line in self._process.stdout:
-            number, code = (int(x) for x in line.split())
+            number, pid, code = (int(x) for x in line.split())
             with self._lock:
-                self._pending.pop(number).set_result(code)
+                self._pending.pop(number).set_result((pid, code))
         with self._lock:  # the server died: nothing more will come
             for future in self._pending.values():
                 future.set_exception(RuntimeError("the zygote process ended"))
@@ -74,10 +83,13 @@ class Zygote:
         env: Mapping[str, str] | None = None,
         timeout: float = 600,
         check: bool = False,
-    ) -> subprocess.CompletedProcess:
+        merge_stderr: bool = False,
+        new_session: bool = False,
+    ) -> Finished:
         """`python -m <module> <args>` in `cwd`, as `run_job` runs it (same environment), to
-        its end: its exit code, stdout and stderr. `check=True` asserts exit code 0, showing
-        the output's end otherwise."""
+        its end: its exit code, stdout and stderr (in stdout with `merge_stderr`). `check=True`
+        asserts exit code 0, showing the output's end otherwise. `new_session`: the job in a
+        session of its own (id: its pid), as `start_job` puts it."""
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             future: Future = Future()
@@ -96,13 +108,18 @@ class Zygote:
                         **(env or {}),
                     },
                     "stdout": str(out),
-                    "stderr": str(err),
+                    "stderr": str(out if merge_stderr else err),
+                    "new_session": new_session,
                 }
                 self._process.stdin.write(json.dumps(request) + "\n")
                 self._process.stdin.flush()
-            code = future.result(timeout=timeout)
-            done = subprocess.CompletedProcess(
-                [sys.executable, "-m", module, *args], code, out.read_text(), err.read_text()
+            pid, code = future.result(timeout=timeout)
+            done = Finished(
+                [sys.executable, "-m", module, *args],
+                pid,
+                code,
+                out.read_text(),
+                "" if merge_stderr else err.read_text(),
             )
         if check:
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -130,14 +147,20 @@ def _job(request: dict) -> None:
     """The child: becomes `python -m <module> <args>`; never returns."""
     code = 1
     try:
+        if request["new_session"]:
+            os.setsid()
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         with open(os.devnull) as null:
             os.dup2(null.fileno(), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            with open(path, "w") as handle:
-                os.dup2(handle.fileno(), fd)
+        with open(request["stdout"], "w") as handle:
+            os.dup2(handle.fileno(), 1)
+        if request["stderr"] == request["stdout"]:
+            os.dup2(1, 2)
+        else:
+            with open(request["stderr"], "w") as handle:
+                os.dup2(handle.fileno(), 2)
         sys.path[0] = os.getcwd()  # as `python -m` puts it
         sys.argv = [request["module"], *request["args"]]
         try:
@@ -174,7 +197,7 @@ def _serve(modules: list[str]) -> None:
             _job(request)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        os.write(1, f"{request['id']} {code}\n".encode())
+        os.write(1, f"{request['id']} {pid} {code}\n".encode())
         os._exit(0)
 
 
