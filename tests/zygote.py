@@ -127,8 +127,10 @@ class Zygote:
 
     def close(self) -> None:
         self._process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=10)  # ends once it has reaped its waiters
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signal.SIGKILL)
+            os.killpg(self._process.pid, signal.SIGKILL)  # whatever a job left running
         self._process.wait(timeout=30)
         self._process.stdout.close()
 
@@ -182,11 +184,18 @@ def _job(request: dict) -> None:
         os._exit(code)
 
 
+def _reap(*_: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
 def _serve(modules: list[str]) -> None:
     for module in modules:
         importlib.import_module(module)
-    # The waiters are reaped by the kernel; each one waits for its own job.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Each waiter waits for its job, and this server for the waiters as they end: every job's
+    # CPU time adds up to this process's children's, as a subprocess's would to pytest's.
+    signal.signal(signal.SIGCHLD, _reap)
     for line in sys.stdin:
         request = json.loads(line)
         if os.fork():
