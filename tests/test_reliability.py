@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import S3Server
-from tests.helpers import TINY, run_job, start_job, train_in_process
+from tests.helpers import TINY, start_job, train_in_process
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.model import DNN
@@ -53,10 +53,10 @@ def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path, zygote):
 
 
 @pytest.mark.ddp
-def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path):
+def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path, zygote):
     # The flag rides the loss all-reduce: both ranks stop at the same step (no rank left
     # waiting in a collective, which would hang until the timeout).
-    done = run_job(
+    done = zygote.run(
         *BLOWUP,
         "hardware.devices=2",
         "data.batch_size=2048",
