@@ -10,13 +10,14 @@ signal's number for a signal), as from `run_job`. Tests that check the entry poi
 itself (a fresh interpreter) or start several processes (DDP) keep `run_job`.
 
 Protocol (this file is also the server, `python -m tests.zygote MODULE...`): one JSON request a
-line on stdin; for each, a waiter process forks the job, waits for it and writes
-"<id> <pid> <code>" on stdout.
+line on stdin; for each, a waiter process forks the job, writes "<id> <pid>" on stdout, waits
+for the job and writes "<id> <pid> <code>".
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import importlib
 import itertools
@@ -62,14 +63,19 @@ class Zygote:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
+        self._pids: dict[int, int] = {}
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self._process.stdout:
-            number, pid, code = (int(x) for x in line.split())
+            number, pid, *code = (int(x) for x in line.split())
             with self._lock:
-                self._pending.pop(number).set_result((pid, code))
+                if code:
+                    self._pids.pop(number, None)
+                    self._pending.pop(number).set_result((pid, code[0]))
+                else:
+                    self._pids[number] = pid
         with self._lock:  # the server died: nothing more will come
             for future in self._pending.values():
                 future.set_exception(RuntimeError("the zygote process ended"))
@@ -89,7 +95,8 @@ class Zygote:
         """`python -m <module> <args>` in `cwd`, as `run_job` runs it (same environment), to
         its end: its exit code, stdout and stderr (in stdout with `merge_stderr`). `check=True`
         asserts exit code 0, showing the output's end otherwise. `new_session`: the job in a
-        session of its own (id: its pid), as `start_job` puts it."""
+        session of its own (id: its pid), as `start_job` puts it. Past `timeout` the job (its
+        process group with `new_session`) is killed and `subprocess.TimeoutExpired` raised."""
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             future: Future = Future()
@@ -113,7 +120,13 @@ class Zygote:
                 }
                 self._process.stdin.write(json.dumps(request) + "\n")
                 self._process.stdin.flush()
-            pid, code = future.result(timeout=timeout)
+            try:
+                pid, code = future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:  # not the builtin before Python 3.11
+                self._kill(number, new_session)
+                raise subprocess.TimeoutExpired(
+                    [sys.executable, "-m", module, *args], timeout, out.read_text()
+                ) from None
             done = Finished(
                 [sys.executable, "-m", module, *args],
                 pid,
@@ -124,6 +137,13 @@ class Zygote:
         if check:
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
         return done
+
+    def _kill(self, number: int, group: bool) -> None:
+        with self._lock:
+            pid = self._pids.get(number)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
     def close(self) -> None:
         self._process.stdin.close()
@@ -204,6 +224,7 @@ def _serve(modules: list[str]) -> None:
         pid = os.fork()
         if pid == 0:
             _job(request)
+        os.write(1, f"{request['id']} {pid}\n".encode())
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         os.write(1, f"{request['id']} {pid} {code}\n".encode())
