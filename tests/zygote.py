@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -125,7 +126,9 @@ class Zygote:
             except concurrent.futures.TimeoutError:  # not the builtin before Python 3.11
                 self._kill(number, new_session)
                 raise subprocess.TimeoutExpired(
-                    [sys.executable, "-m", module, *args], timeout, out.read_text()
+                    [sys.executable, "-m", module, *args],
+                    timeout,
+                    out.read_text() if out.exists() else "",
                 ) from None
             done = Finished(
                 [sys.executable, "-m", module, *args],
@@ -139,11 +142,17 @@ class Zygote:
         return done
 
     def _kill(self, number: int, group: bool) -> None:
-        with self._lock:
-            pid = self._pids.get(number)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # a request still queued gets its pid soon
+        while time.monotonic() < deadline:
+            with self._lock:
+                pid = self._pids.get(number)
+                if pid is None and number not in self._pending:
+                    return  # it ended meanwhile
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._process.stdin.close()
