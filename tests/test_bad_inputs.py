@@ -3,9 +3,11 @@
 exit, an error naming the thing and what was expected, no Python traceback (a user error is not
 a crash), and a pre-existing run folder left byte-for-byte as it was.
 
-Each case costs ~10 s of CPU (a fresh interpreter importing Lightning), so this corpus keeps a
-representative few of each kind; the full corpus of config keys and data values runs
-in-process, a fraction of a second a case, in tests/test_config_checks.py."""
+Each case is a real process with its own exit code and stderr, forked from one interpreter that
+imported the entry points once (`tests.zygote`: a fresh interpreter would spend ~10 s of CPU a
+case importing Lightning). This corpus keeps a representative few of each kind; the full corpus
+of config keys and data values runs in-process, a fraction of a second a case, in
+tests/test_config_checks.py."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import TINY_RUN, run_job, write_checkpoint
+from tests.helpers import TINY_RUN, write_checkpoint
+from tests.zygote import Zygote
 
 N = 400
 SPEC = {
@@ -271,7 +274,7 @@ class Outcome:
     after: dict[str, bytes]
 
 
-def run_case(case: Case, data: Path, folder: Path) -> Outcome:
+def run_case(zygote: Zygote, case: Case, data: Path, folder: Path) -> Outcome:
     # A run folder (or prediction / export output) from an earlier, successful job.
     earlier = folder / "earlier"
     (earlier / "checkpoints").mkdir(parents=True)
@@ -290,19 +293,19 @@ def run_case(case: Case, data: Path, folder: Path) -> Outcome:
         # overwrite=true: a failed job must not touch earlier outputs even when allowed to.
         overwrite = [] if any(a.startswith("overwrite=") for a in args) else ["overwrite=true"]
         module, overrides = f"train.{case.entry}", [f"out={earlier}", *overwrite, *args]
-    done = run_job(*overrides, module=module, cwd=folder, timeout=300)
+    done = zygote.run(*overrides, module=module, cwd=folder, timeout=300)
     return Outcome(done.returncode, done.stdout, done.stderr, before, snapshot(earlier))
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, Outcome]:
-    """Every case run once, a few at a time: each one is mostly the ~8 s CPU of importing
-    Lightning, so running them side by side is what keeps the corpus within CI's budget."""
+def outcomes(tmp_path_factory, zygote: Zygote) -> dict[str, Outcome]:
+    """Every case run once, a few at a time, each forked from one interpreter that imported
+    the entry points once (what a fresh `python -m train` would import: ~10 s of CPU a case)."""
     data = tmp_path_factory.mktemp("bad_inputs")
     prepare_data(data)
     folders = {c.name: tmp_path_factory.mktemp("case") for c in CASES}
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-        futures = {c.name: pool.submit(run_case, c, data, folders[c.name]) for c in CASES}
+        futures = {c.name: pool.submit(run_case, zygote, c, data, folders[c.name]) for c in CASES}
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_job, trained_run, write_checkpoint
+from tests.helpers import trained_run, write_checkpoint
 from train import serve
 from train.checkpoint import CheckpointError, load
 from train.export import export
@@ -66,9 +66,9 @@ def test_the_crafted_payload_is_real(tmp_path):
     assert marker.exists()
 
 
-def test_command_line_refuses_it_too(tmp_path):
+def test_command_line_refuses_it_too(tmp_path, zygote):
     path, marker = crafted(tmp_path, "state_dict")
-    done = run_job(
+    done = zygote.run(
         f"ckpt={path}", f"out={tmp_path}/artifact", cwd=tmp_path, module="train.export", timeout=300
     )
     assert done.returncode == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, run_job, train_in_process
+from tests.helpers import TINY, train_in_process
 
 COMMON = [
     *TINY,
@@ -32,9 +32,9 @@ def losses(folder: Path) -> list[float]:
 
 
 @pytest.mark.ddp
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, zygote):
     train_in_process(*COMMON, "data.batch_size=1024", output_dir=tmp_path / "one")
-    two = run_job(
+    two = zygote.run(
         *COMMON,
         "hardware.devices=2",
         "data.batch_size=512",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, run_job, train_in_process
+from tests.helpers import TINY, train_in_process
 
 # Big enough that the model gets near the oracle, small enough for CI (2 cores).
 SMALL = [
@@ -111,8 +111,8 @@ def test_seed_scheme_trades_clicks_for_finishes(runs):
         ),
     ],
 )
-def test_bad_scheme_fails_before_writing(override, message, tmp_path):
-    done = run_job(*TINY, *override.split(" "), cwd=tmp_path)
+def test_bad_scheme_fails_before_writing(override, message, tmp_path, zygote):
+    done = zygote.run(*TINY, *override.split(" "), cwd=tmp_path)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())

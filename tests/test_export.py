@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import run_job, trained_run, write_checkpoint
+from tests.helpers import trained_run, write_checkpoint
 from tests.test_predict import rows, simulated
 from train import serve
 from train.checkpoint import load
@@ -70,10 +70,10 @@ def json_lines(table: pa.Table) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path):
+def test_artifact_scores_raw_rows_like_the_checkpoint(tmp_path_factory, tmp_path, zygote):
     run = trained_run(tmp_path_factory)
     ckpt = run / "checkpoints" / "best.ckpt"
-    done = run_job(
+    done = zygote.run(
         f"ckpt={ckpt}",
         f"out={tmp_path}/artifact",
         cwd=tmp_path,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import helpers
 from tests.helpers import TINY, assert_same_logs, log_rows, session_processes, train_in_process
+from tests.zygote import Zygote
 
 RUN = [
     *TINY,
@@ -91,34 +91,37 @@ def session_gone(session: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def run_killed(*overrides: str, cwd: Path) -> str:
-    """The job, run until it kills itself: SIGKILL, and nothing of it left running."""
-    process = helpers.start_job(*overrides, cwd=cwd, merge_stderr=True, new_session=True)
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == -signal.SIGKILL, out[-4000:]
-    assert "killer: SIGKILL" in out, out[-4000:]
-    session_gone(process.pid)
-    return out
+def run_killed(zygote: Zygote, *overrides: str, cwd: Path) -> str:
+    """The job, run until it kills itself: SIGKILL, and nothing of it left running. Forked from
+    the session zygote (no ~10 s of imports each time) in a session of its own, which a node
+    kill (`group=true`) ends whole; Lightning starts the other ranks as fresh processes."""
+    done = zygote.run(*overrides, cwd=cwd, merge_stderr=True, new_session=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stdout[-4000:]
+    assert "killer: SIGKILL" in done.stdout, done.stdout[-4000:]
+    session_gone(done.pid)
+    return done.stdout
 
 
-def chain(run: Path, tmp_path: Path, kills: list[list[str]], extra: list[str]) -> list[str]:
+def chain(
+    zygote: Zygote, run: Path, tmp_path: Path, kills: list[list[str]], extra: list[str]
+) -> list[str]:
     """Kill the run at each point in turn, each attempt resuming the one before."""
     outputs = []
     for number, point in enumerate(kills):
         resume = ["resume=auto"] if number else []
-        outputs.append(
-            run_killed(*RUN, *extra, *point, *resume, f"paths.output_dir={run}", cwd=tmp_path)
-        )
+        overrides = [*RUN, *extra, *point, *resume, f"paths.output_dir={run}"]
+        outputs.append(run_killed(zygote, *overrides, cwd=tmp_path))
         assert not (run / "metrics.json").exists()
     return outputs
 
 
 @pytest.mark.e2e
-def test_one_process_killed_anywhere_resumes_exactly(tmp_path):
+def test_one_process_killed_anywhere_resumes_exactly(tmp_path, zygote):
     reference = tmp_path / "reference"
     train_in_process(*RUN, output_dir=reference)
     run = tmp_path / "run"
     outputs = chain(
+        zygote,
         run,
         tmp_path,
         [
@@ -140,11 +143,12 @@ def test_one_process_killed_anywhere_resumes_exactly(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.ddp
-def test_two_processes_killed_anywhere_resume_exactly(tmp_path):
+def test_two_processes_killed_anywhere_resume_exactly(tmp_path, zygote):
     reference = tmp_path / "reference"
-    helpers.run_job(*RUN, *TWO_RANKS, f"paths.output_dir={reference}", cwd=tmp_path, check=True)
+    zygote.run(*RUN, *TWO_RANKS, f"paths.output_dir={reference}", cwd=tmp_path, check=True)
     run = tmp_path / "run"
     chain(
+        zygote,
         run,
         tmp_path,
         [
@@ -155,14 +159,12 @@ def test_two_processes_killed_anywhere_resume_exactly(tmp_path):
         ],
         TWO_RANKS,
     )
-    helpers.run_job(
-        *RUN, *TWO_RANKS, "resume=auto", f"paths.output_dir={run}", cwd=tmp_path, check=True
-    )
+    zygote.run(*RUN, *TWO_RANKS, "resume=auto", f"paths.output_dir={run}", cwd=tmp_path, check=True)
     assert_same_outcome(run, reference)
 
 
 @pytest.mark.e2e
-def test_tensorboard_history_survives_a_kill(tmp_path):
+def test_tensorboard_history_survives_a_kill(tmp_path, zygote):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tensorboard = [
@@ -173,7 +175,9 @@ def test_tensorboard_history_survives_a_kill(tmp_path):
     ]
     train_in_process(*tensorboard, output_dir=tmp_path / "reference")
     run = tmp_path / "run"
-    run_killed(*tensorboard, *kill("train_batch_end", 27), f"paths.output_dir={run}", cwd=tmp_path)
+    run_killed(
+        zygote, *tensorboard, *kill("train_batch_end", 27), f"paths.output_dir={run}", cwd=tmp_path
+    )
     train_in_process(*tensorboard, "resume=auto", output_dir=run)
 
     def history(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import SPEC, TINY, log_rows, run_job, train_in_process, write_checkpoint
+from tests.helpers import SPEC, TINY, log_rows, train_in_process, write_checkpoint
 from train import export
 from train.balance import Fixed, GradNorm, Uncertainty, balance_for
 from train.checkpoint import load
@@ -357,11 +357,13 @@ def test_mmoe_run_logs_each_heads_loss_and_balance_weight(mmoe_run):
 
 
 @pytest.mark.ddp
-def test_two_processes_match_one_with_head_weights_conditions_and_gradnorm(mmoe_run, tmp_path):
+def test_two_processes_match_one_with_head_weights_conditions_and_gradnorm(
+    mmoe_run, tmp_path, zygote
+):
     """Per-head weights are global weighted means per head, and GradNorm's norms are summed
     over ranks: 2 processes at batch B train exactly like 1 process at batch 2B, and save every
     test row's predictions once, in the order the metrics saw them."""
-    run_job(
+    zygote.run(
         *COMMON,
         "data.batch_size=1024",
         "hardware.devices=2",

@@ -15,7 +15,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from tests.helpers import TINY, compose, run_job, train_in_process
+from tests.helpers import TINY, compose, train_in_process
 from tests.returns import RETURNED, RecordReturns
 from train import config_checks, objectives
 from train.errors import ConfigError
@@ -44,10 +44,10 @@ def report_rows(*argv: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.e2e
-def test_a_search_returns_validation_objectives_and_leaves_runs_the_report_reads(tmp_path):
+def test_a_search_returns_validation_objectives_and_leaves_runs_the_report_reads(tmp_path, zygote):
     pytest.importorskip("optuna", reason="needs pip install -e '.[optuna]'")
     sweep = tmp_path / "sweep"
-    done = run_job(
+    done = zygote.run(
         *SEARCH,
         f"hydra.sweep.dir={sweep}",
         f"+hydra.callbacks.returns._target_={RecordReturns.__module__}.RecordReturns",
@@ -93,11 +93,11 @@ def test_a_search_returns_validation_objectives_and_leaves_runs_the_report_reads
 
 
 @pytest.mark.e2e
-def test_a_search_with_a_bad_objective_stops_at_its_first_trial(tmp_path):
+def test_a_search_with_a_bad_objective_stops_at_its_first_trial(tmp_path, zygote):
     pytest.importorskip("optuna", reason="needs pip install -e '.[optuna]'")
     sweep = tmp_path / "sweep"
     bad = [o for o in SEARCH if not o.startswith("objectives=")]
-    done = run_job(
+    done = zygote.run(
         *bad, "objectives=[val/click/auc,val/clik/auc]", f"hydra.sweep.dir={sweep}", cwd=tmp_path
     )
     assert done.returncode == 1

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tests.helpers import run_job, scalars, trained_run, write_checkpoint
+from tests.helpers import scalars, trained_run, write_checkpoint
 from train.checkpoint import CheckpointError, load
 from train.data.features import DataError, model_inputs
 from train.data.io import TableFormat
@@ -294,11 +294,11 @@ def test_bad_checkpoints_fail_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.e2e
-def test_command_line(run, tmp_path):
+def test_command_line(run, tmp_path, zygote):
     data = tmp_path / "val.csv"
     pacsv.write_csv(scalars(simulated(run, "val").slice(0, 1500)), data)  # two batches of 1000
     ckpt = f"ckpt={run}/checkpoints/best.ckpt"
-    done = run_job(
+    done = zygote.run(
         ckpt,
         f"data.test={data}",
         f"out={tmp_path}/out",
@@ -312,7 +312,7 @@ def test_command_line(run, tmp_path):
     assert "scored 1500 rows from 1 file(s)" in done.stdout
     assert pq.read_table(tmp_path / "out").num_rows == 1500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "val.csv"]  # nothing of Hydra's
-    failed = run_job(
+    failed = zygote.run(
         ckpt,
         f"data.test={tmp_path}/nothing.csv",
         f"out={tmp_path}/out2",

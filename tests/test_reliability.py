@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import S3Server
-from tests.helpers import TINY, run_job, start_job, train_in_process
+from tests.helpers import TINY, start_job, train_in_process
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.model import DNN
@@ -37,8 +37,8 @@ BLOWUP = [*TINY, "trainer.max_epochs=1", "data.batch_size=4096", "optimizer.lr=1
 
 
 @pytest.mark.e2e
-def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
-    done = run_job(*BLOWUP, f"paths.output_dir={tmp_path}/run", cwd=tmp_path, timeout=300)
+def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path, zygote):
+    done = zygote.run(*BLOWUP, f"paths.output_dir={tmp_path}/run", cwd=tmp_path, timeout=300)
     assert done.returncode != 0
     err = done.stderr
     assert "Traceback" not in err, err[-3000:]
@@ -53,10 +53,10 @@ def test_nonfinite_loss_stops_with_step_and_batch_statistics(tmp_path):
 
 
 @pytest.mark.ddp
-def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path):
+def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path, zygote):
     # The flag rides the loss all-reduce: both ranks stop at the same step (no rank left
     # waiting in a collective, which would hang until the timeout).
-    done = run_job(
+    done = zygote.run(
         *BLOWUP,
         "hardware.devices=2",
         "data.batch_size=2048",

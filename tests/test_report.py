@@ -499,21 +499,21 @@ def test_one_multitask_run_keeps_the_plain_fusion_labels(multitask):
 
 
 @pytest.fixture(scope="module")
-def real_sweep(tmp_path_factory) -> Path:
+def real_sweep(tmp_path_factory, zygote) -> Path:
     """`python -m train -m weights=click_only,seed,watch_time` on tiny simulated data."""
     folder = tmp_path_factory.mktemp("sweep") / "schemes"
     overrides = ["-m", "weights=click_only,seed,watch_time", *TINY, "trainer.max_epochs=1"]
-    run_job(*overrides, f"hydra.sweep.dir={folder}", cwd=folder.parent, check=True)
+    zygote.run(*overrides, f"hydra.sweep.dir={folder}", cwd=folder.parent, check=True)
     return folder
 
 
-def run_report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_job(*args, module="train.report", cwd=ROOT, env=env, timeout=300, check=True)
+def run_report(zygote, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return zygote.run(*args, module="train.report", cwd=ROOT, env=env, timeout=300, check=True)
 
 
 @pytest.mark.e2e
-def test_report_of_a_real_sweep(real_sweep: Path):
-    done = run_report(str(real_sweep))
+def test_report_of_a_real_sweep(real_sweep: Path, zygote):
+    done = run_report(zygote, str(real_sweep))
     assert "| scheme | pareto | click/auc |" in done.stdout
     rows = read_csv((real_sweep / "report.csv").read_text())
     assert [r["scheme"] for r in rows] == ["click_only", "seed", "watch_time", "oracle"]
@@ -567,7 +567,7 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.s3
-def test_report_reads_runs_from_s3(real_sweep: Path, s3_server: S3Server):
+def test_report_reads_runs_from_s3(real_sweep: Path, s3_server: S3Server, zygote):
     fs = s3_server.filesystem()
     bucket = s3_server.bucket("report").removeprefix("s3://")
     for run in sorted(p for p in real_sweep.iterdir() if p.is_dir()):
@@ -577,7 +577,7 @@ def test_report_reads_runs_from_s3(real_sweep: Path, s3_server: S3Server):
                 fs.put_file(str(file), f"{bucket}/sweeps/x/{run.name}/{file.relative_to(run)}")
     fs.put_file(str(ROOT / "pyproject.toml"), f"{bucket}/sweeps/x/not-a-run/notes.txt")
 
-    run_report(f"s3://{bucket}/sweeps/x", env=s3_server.env)
+    run_report(zygote, f"s3://{bucket}/sweeps/x", env=s3_server.env)
     fs.invalidate_cache()
     assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/sweeps/x")} >= {
         "report.md",
@@ -585,7 +585,7 @@ def test_report_reads_runs_from_s3(real_sweep: Path, s3_server: S3Server):
         "pareto.png",
     }
     remote = read_csv(fs.cat_file(f"{bucket}/sweeps/x/report.csv").decode())
-    run_report(str(real_sweep), "--out", str(real_sweep / "local"))
+    run_report(zygote, str(real_sweep), "--out", str(real_sweep / "local"))
     local = read_csv((real_sweep / "local" / "report.csv").read_text())
     # the same table, only the run folders differ
     assert [{k: v for k, v in r.items() if k != "run"} for r in remote] == [

@@ -22,7 +22,7 @@ import torch
 
 from tests import helpers
 from tests.conftest import S3Server
-from tests.helpers import TINY, assert_same_logs, run_job
+from tests.helpers import TINY, assert_same_logs
 from train import checkpoint_io
 from train.checkpoint_io import ResumeError, atomic_save, select_checkpoint
 
@@ -193,7 +193,7 @@ def loader_position(checkpoint: dict[str, Any]) -> tuple[int, int]:
 
 @pytest.mark.e2e
 @pytest.mark.s3
-def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Server):
+def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Server, zygote):
     # ~155 steps an epoch (batch 128), a last.ckpt every 10: killed 3 steps after the first one.
     common = [
         *TINY,
@@ -207,16 +207,17 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     fs = s3_env.filesystem()
     last = f"{run}/checkpoints/last.ckpt".removeprefix("s3://")
 
-    killed = start_job(
+    killed = zygote.run(
         *common,
         "+callbacks.kill._target_=tests.killer.KillAt",
         "+callbacks.kill.step=13",
         f"paths.output_dir={run}",
         cwd=tmp_path,
         env=s3_env.env,
+        merge_stderr=True,
+        timeout=300,
     )
-    out, _ = killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, out[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert not fs.exists(f"{run}/metrics.json".removeprefix("s3://"))
     chosen = select_checkpoint("auto", None, [run, f"{run}/checkpoints"])
     assert chosen == f"s3://{last}"
@@ -226,7 +227,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
     assert loader_position(interrupted) == (0, 10)
     assert interrupted["global_step"] == 10
 
-    resumed = run_job(
+    resumed = zygote.run(
         *common, f"paths.output_dir={run}", "resume=auto", cwd=tmp_path, env=s3_env.env, check=True
     )
     assert f"resume=auto: continuing from {run}/checkpoints/" in resumed.stdout + resumed.stderr
@@ -248,7 +249,7 @@ def test_kill9_mid_epoch_then_resume_auto_on_s3_is_exact(tmp_path, s3_env: S3Ser
 
 
 @pytest.mark.e2e
-def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path):
+def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path, zygote):
     # A 600k x 32 embedding table: ~230 MB checkpoints (weights + two Adam moments), whose
     # writing takes long enough to be caught in the middle.
     big = [
@@ -278,7 +279,7 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert select_checkpoint("auto", None, [str(folder)]) == str(folder / "last.ckpt")
 
     # ckpt_path as a URL continues the same run from it, to the step count of a whole epoch.
-    resumed = run_job(
+    resumed = zygote.run(
         *big,
         "callbacks.last.every_n_train_steps=1000",
         f"ckpt_path=file://{folder}/last.ckpt",

@@ -10,13 +10,12 @@ import uuid
 import pytest
 
 from tests.conftest import S3Server
-from tests.helpers import run_job
 from tests.test_bad_inputs import TRAIN, table
 
 
 @pytest.mark.e2e
 @pytest.mark.s3
-def test_planted_secrets_appear_in_no_output(tmp_path, s3_server: S3Server):
+def test_planted_secrets_appear_in_no_output(tmp_path, s3_server: S3Server, zygote):
     import pyarrow.parquet as pq
 
     bucket = s3_server.bucket("secrets")
@@ -42,8 +41,9 @@ def test_planted_secrets_appear_in_no_output(tmp_path, s3_server: S3Server):
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
     }
-    # A subprocess: its stdout and stderr are searched too.
-    done = run_job(
+    # A process of its own (forked from the session zygote, with this environment): its stdout
+    # and stderr are searched too.
+    done = zygote.run(
         *TRAIN,
         f"data.train={bucket}/train.parquet",
         f"data.val={bucket}/val.parquet",

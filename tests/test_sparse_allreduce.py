@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.conftest import free_port
-from tests.helpers import TINY, assert_same_logs, log_rows, run_job, train_in_process
+from tests.helpers import TINY, assert_same_logs, log_rows, train_in_process
 from tests.sparse_guard import SparseRefusingGroup
 from train.sparse_allreduce import reduce_gradients, sparse_all_reduce
 
@@ -152,16 +152,16 @@ def metrics(run: Path) -> dict[str, float]:
 
 
 @pytest.mark.ddp
-def test_two_processes_follow_the_gloo_sparse_all_reduce(tmp_path):
+def test_two_processes_follow_the_gloo_sparse_all_reduce(tmp_path, zygote):
     args = [*COMMON, "hardware.devices=2", "data.batch_size=200"]  # 20000 rows: 50 steps of 400
-    run_job(
+    zygote.run(
         *args,
         "callbacks.sparse_allreduce=null",
         f"paths.output_dir={tmp_path}/gloo",
         cwd=tmp_path,
         check=True,
     )
-    run_job(*args, GUARD, f"paths.output_dir={tmp_path}/hook", cwd=tmp_path, check=True)
+    zygote.run(*args, GUARD, f"paths.output_dir={tmp_path}/hook", cwd=tmp_path, check=True)
     old, new = tmp_path / "gloo", tmp_path / "hook"
 
     assert len(losses(new)) == 50
@@ -174,10 +174,10 @@ def test_two_processes_follow_the_gloo_sparse_all_reduce(tmp_path):
 
 
 @pytest.mark.ddp
-def test_three_processes_with_uneven_rows_match_one(tmp_path):
+def test_three_processes_with_uneven_rows_match_one(tmp_path, zygote):
     rows = "data.simulator.n_train=18000"  # 20 global batches of 900
     train_in_process(*COMMON, rows, "data.batch_size=900", output_dir=tmp_path / "one")
-    run_job(
+    zygote.run(
         *COMMON,
         rows,
         "hardware.devices=3",

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as the rank program
     sys.path.insert(0, str(ROOT))
 
-from tests.helpers import run_job  # noqa: E402
 from train.data.features import DataError, FeatureSpec  # noqa: E402
 from train.data.io import TableFormat  # noqa: E402
 from train.data.stream import (  # noqa: E402
@@ -316,7 +315,7 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path):
 
 @pytest.mark.ddp
 @pytest.mark.e2e
-def test_ddp_training_streams_uneven_shards(tmp_path):
+def test_ddp_training_streams_uneven_shards(tmp_path, zygote):
     from train.data.synthetic import FeedSimulator
 
     sim = FeedSimulator(n_train=3000, n_val=700, n_test=500, n_users=80, n_videos=150)
@@ -328,7 +327,7 @@ def test_ddp_training_streams_uneven_shards(tmp_path):
             part = table.slice(int(a * len(table)), int((b - a) * len(table)))
             pq.write_table(part, tmp_path / split / f"p{i}.parquet", row_group_size=97)
     run = tmp_path / "run"
-    run_job(
+    zygote.run(
         "data=files",
         f"data.train={tmp_path}/train",
         f"data.val={tmp_path}/val",

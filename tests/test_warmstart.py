@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from tests.helpers import (
     SPEC,
     TINY_TRAINED,
-    run_job,
     train_in_process,
     trained_run,
     write_checkpoint,
@@ -230,9 +229,9 @@ def test_first_validation_after_loading_equals_the_source_models(
 
 
 @pytest.mark.e2e
-def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path):
+def test_incompatible_checkpoint_fails_before_writing(tmp_path_factory, tmp_path, zygote):
     source = trained_run(tmp_path_factory)
-    done = run_job(
+    done = zygote.run(
         *TINY_TRAINED,
         f"init_from={source}/checkpoints/best.ckpt",
         "data.categorical=[{user_id: 500, video_id: 2000, author_id: 200, category: 100, hour: 24, device: 10}]",
