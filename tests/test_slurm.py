@@ -10,6 +10,7 @@ slurmctld, slurmd; started here, see tests/slurm_cluster.py).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -179,3 +180,44 @@ def test_job_array_sweeps_schemes_and_coefficients(cluster, tmp_path):
     seed = (sweep / "1_seed" / "config.yaml").read_text()
     assert "name: seed" in seed and "finish: 10" in seed, seed
     assert "name: click_only" in (sweep / "0_click_only" / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchrec") is None, reason="the optional torchrec engine is absent"
+)
+def test_a_sharded_job_requeues_with_its_shards(cluster, tmp_path):
+    # sharding=torchrec under srun: the tables sharded over the 2 tasks, SIGUSR1 mid-epoch saves
+    # hpc_ckpt_1.ckpt with every rank's shards, and the requeued job resumes from them.
+    job = submit(
+        cluster,
+        tmp_path,
+        "--ntasks-per-node=2",
+        str(ROOT / "slurm" / "train.sbatch"),
+        *[a for a in ARGS if not a.startswith("trainer.max_epochs")],
+        "trainer.max_epochs=1",
+        "sharding=torchrec",
+        "+callbacks.kill._target_=tests.killer.KillAt",
+        "+callbacks.kill.where=train_batch_end",
+        "+callbacks.kill.step=10",
+        "+callbacks.kill.signal=SIGUSR1",
+        MASTER_PORT=str(free_port()),
+    )
+    run = tmp_path / "runs" / job
+    deadline = time.monotonic() + 300
+    while "preempted at step" not in log(tmp_path):  # then requeued: pending, held ~120 s
+        assert time.monotonic() < deadline, log(tmp_path)[-3000:]
+        time.sleep(0.2)
+    cluster.wait(job, {"PENDING"}, timeout=300)
+    assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    info = completed(cluster, job, tmp_path)
+    assert info["Restarts"] == "1"
+    text = log(tmp_path)
+    assert f"resume=auto: continuing from {run}/checkpoints/hpc_ckpt_1.ckpt" in text, text[-3000:]
+    saved = torch.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert 10 <= saved["global_step"] < 40  # mid-epoch
+    shards = run / "checkpoints" / saved["upweight"]["shards"]["folder"]
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    plan = json.loads((run / "sharding_plan.json").read_text())["shards"]
+    assert {s["rank"] for s in plan} == {0, 1}
+    _, metrics = final(run)
+    assert 0.5 < metrics["test/click/auc"] <= 1.0
