@@ -21,10 +21,27 @@ from train.checkpoint import CheckpointError, feature_spec, read
 from train.checkpoint_io import TRAINING_KEYS, atomic_save
 from train.errors import UpweightError
 from train.layout import ARTIFACT_KEY, CHECKPOINTS_DIR, SHARDS_KEY, join
-from train.sharding import full_tables, shards_of
+from train.sharding import reader, shards_of
 from train.storage import write_bytes
 
 SHARDS_SUFFIX = ".shards"  # `<file>.shards/`: see train.sharding
+
+
+def full_tables(location: str) -> dict[str, torch.Tensor]:
+    """Every table of a shards folder, whole, read in one process (no process group):
+    key `<module>.collection.embedding_bags.<table>.weight` -> [rows, dim]."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state, storage_reader=reader(location), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
+    out = {}
+    for name, part in state.items():
+        for key, value in part["tables"].items():
+            out[f"{name}.collection.{key}"] = value
+    return out
 
 
 def consolidated(checkpoint: dict[str, Any], url: str) -> dict[str, Any]:

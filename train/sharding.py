@@ -198,7 +198,11 @@ class TorchRec:
         return EmbeddingBagCollectionSharder(fused_params=fused)
 
     def module_plan(
-        self, collection: nn.Module, sizes: Mapping[str, tuple[int, int]], device: torch.device
+        self,
+        collection: nn.Module,
+        sizes: Mapping[str, tuple[int, int]],
+        device: torch.device,
+        local_size: int | None = None,
     ) -> Any:
         """The collection's plan: the planner's (`default: auto`, `plan` as constraints) or a
         manual one, whole tables placed largest first on the rank holding fewest bytes."""
@@ -213,6 +217,8 @@ class TorchRec:
         )
 
         world = dist.get_world_size()
+        # Ranks per node: a shard's device is `cuda:<rank % local_size>` on its node.
+        local_size = local_size or world
         sharder = self.sharder()
         for table, kind in self.plan.items():
             dim = sizes[table][1]
@@ -233,7 +239,9 @@ class TorchRec:
                 for t in sizes
             }
             planner = EmbeddingShardingPlanner(
-                topology=Topology(world_size=world, compute_device=device.type),
+                topology=Topology(
+                    world_size=world, compute_device=device.type, local_world_size=local_size
+                ),
                 constraints=constraints,
             )
             plan = planner.collective_plan(collection, [sharder], dist.GroupMember.WORLD)
@@ -254,12 +262,14 @@ class TorchRec:
             collection,
             per_table,
             sharder=sharder,
-            local_size=world,
+            local_size=local_size,
             world_size=world,
             device_type=device.type,
         )
 
-    def shard(self, module: nn.Module, device: torch.device) -> list[dict[str, Any]]:
+    def shard(
+        self, module: nn.Module, device: torch.device, local_size: int | None = None
+    ) -> list[dict[str, Any]]:
         """Shards every `TorchRecEmbeddings` of `module` in place (once), fills its shards with
         the plan-independent initial rows, and keeps DDP off them. The plan's rows (table,
         sharding type, rank, rows, columns, bytes) are returned."""
@@ -275,7 +285,7 @@ class TorchRec:
                 continue
             if not embeddings.sharded:
                 sizes = {t: (rows, embeddings.dim) for t, rows in embeddings.tables.items()}
-                plan = self.module_plan(embeddings.collection, sizes, device)
+                plan = self.module_plan(embeddings.collection, sizes, device, local_size)
                 env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
                 embeddings.collection = self.sharder().shard(
                     embeddings.collection, plan, env, device, module_fqn=f"{name}.collection"
@@ -315,7 +325,7 @@ class TorchRecStrategy(DDPStrategy):
         # the shards and before the DDP wrap, which must leave them out.
         super().setup_environment()
         fresh = not any(m.sharded for m in self.sharded_modules().values())
-        report = self.engine.shard(self.lightning_module, self.root_device)
+        report = self.engine.shard(self.lightning_module, self.root_device, self.num_processes)
         if fresh and self.is_global_zero:
             print(f"sharding plan ({self.engine.optimizer}):\n{plan_table(report)}", flush=True)
             root = str(self.lightning_module.trainer.default_root_dir)
@@ -428,20 +438,3 @@ def remove_other_folders(shards: str, keep: str) -> None:
     for entry in fs.ls(path, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != keep:
             fs.rm(entry, recursive=True)
-
-
-def full_tables(location: str) -> dict[str, torch.Tensor]:
-    """Every table of a shards folder, whole, read in one process (`train.consolidate`):
-    key `<module>.collection.embedding_bags.<table>.weight` -> [rows, dim]."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(
-        state, storage_reader=reader(location), planner=_EmptyStateDictLoadPlanner(), no_dist=True
-    )
-    out = {}
-    for name, part in state.items():
-        for key, value in part["tables"].items():
-            out[f"{name}.collection.{key}"] = value
-    return out
