@@ -69,6 +69,17 @@ TINY_TRAINED = [
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+def job_env(cwd: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a test job runs in (`start_job`, `run_job`, `tests.zygote`): this one's,
+    one OpenMP thread, the checkout importable, run folders under `cwd/outputs`, then `env`."""
+    return {**os.environ, **ENV, "UPWEIGHT_RUNS": str(Path(cwd) / "outputs"), **(env or {})}
+
+
+def assert_succeeded(done: subprocess.CompletedProcess) -> None:
+    """`check=True` of the job runners: exit code 0, else the output's end."""
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
 def start_job(
     *overrides: str,
     cwd: Path,
@@ -84,7 +95,7 @@ def start_job(
     return subprocess.Popen(
         [sys.executable, "-m", module, *overrides],
         cwd=cwd,
-        env={**os.environ, **ENV, "UPWEIGHT_RUNS": str(Path(cwd) / "outputs"), **(env or {})},
+        env=job_env(cwd, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         text=True,
@@ -111,7 +122,7 @@ def run_job(
         raise
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        assert_succeeded(done)
     return done
 
 

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
-from tests.helpers import ENV, ROOT
+from tests.helpers import ENV, ROOT, assert_succeeded, job_env
 
 
 class Finished(subprocess.CompletedProcess):
@@ -109,12 +109,7 @@ class Zygote:
                     "module": module,
                     "args": list(args),
                     "cwd": str(cwd),
-                    "env": {
-                        **os.environ,
-                        **ENV,
-                        "UPWEIGHT_RUNS": str(Path(cwd) / "outputs"),
-                        **(env or {}),
-                    },
+                    "env": job_env(cwd, env),
                     "stdout": str(out),
                     "stderr": str(out if merge_stderr else err),
                     "new_session": new_session,
@@ -138,7 +133,7 @@ class Zygote:
                 "" if merge_stderr else err.read_text(),
             )
         if check:
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+            assert_succeeded(done)
         return done
 
     def _kill(self, number: int, group: bool) -> None:

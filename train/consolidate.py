@@ -20,11 +20,9 @@ from fsspec.core import url_to_fs
 from train.checkpoint import CheckpointError, feature_spec, read
 from train.checkpoint_io import TRAINING_KEYS, atomic_save
 from train.errors import UpweightError
-from train.layout import ARTIFACT_KEY, CHECKPOINTS_DIR, SHARDS_KEY, join
+from train.layout import ARTIFACT_KEY, CHECKPOINTS_DIR, SHARDS_KEY, SHARDS_SUFFIX, join
 from train.sharding import reader, shards_of
 from train.storage import write_bytes
-
-SHARDS_SUFFIX = ".shards"  # `<file>.shards/`: see train.sharding
 
 
 def full_tables(location: str) -> dict[str, torch.Tensor]:

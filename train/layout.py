@@ -50,6 +50,8 @@ the checkpoint's weights (`train.calibration.OddsCorrection`; absent: no `p_cali
 SHARDS_KEY = "shards"
 """`checkpoint["upweight"]["shards"]`: a sharded run's checkpoint keeps its tables in the folder
 `<file>.shards/<folder>` (`train.sharding`); absent: the file holds every weight."""
+SHARDS_SUFFIX = ".shards"
+"""`<checkpoint file>.shards/`: the folder of a sharded checkpoint's shard folders."""
 SHARDING_PLAN_FILE = "sharding_plan.json"
 """A sharded run's plan: every rank's shards (table, rows, columns, bytes)."""
 

@@ -45,7 +45,27 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-class FeatureEmbeddings(nn.Module):
+class Embeddings(nn.Module):
+    """What a network reads its fields from: `lookup` gives (fields [rows, num_fields, dim],
+    first-order scalars or None), `forward` the fields alone. `FeatureEmbeddings` holds the
+    tables whole; `train.sharded_embeddings.TorchRecEmbeddings` sharded over the ranks."""
+
+    @property
+    def num_fields(self) -> int:
+        raise NotImplementedError
+
+    def forward(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.lookup(categorical, sequences)[0]
+
+    def lookup(
+        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class FeatureEmbeddings(Embeddings):
     """Every id's embedding row (a hash bucket or a vocabulary index of each table) in one
     table, and every list column pooled into one vector: fields [rows, C + S, dim] for C
     categorical columns and S list columns (`SequenceInput`).
@@ -106,11 +126,6 @@ class FeatureEmbeddings(nn.Module):
     @property
     def num_fields(self) -> int:
         return self.num_categorical + len(self.sequences)
-
-    def forward(
-        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.lookup(categorical, sequences)[0]
 
     def lookup(
         self, categorical: torch.Tensor, sequences: torch.Tensor | None = None

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-STATE_FLOATS_PER_ROW = {"sgd": 0.0, "adagrad": 1.0, "rowwise_adagrad": 0.0, "adam": 2.0}
-"""Optimizer state per table value (`rowwise_adagrad`: one float per row, counted apart)."""
+from train.model import Embeddings
+
+OPTIMIZER_STATE = {"sgd": (0, 0), "adagrad": (1, 0), "rowwise_adagrad": (0, 1), "adam": (2, 0)}
+"""The fused optimizer's state floats: (per table value, per row of each shard)."""
 
 INIT_STD = 0.01  # as FeatureEmbeddings: small rows, so rarely seen ids add little noise
 INIT_CHUNK = 1 << 16
@@ -19,7 +20,7 @@ INIT_CHUNK = 1 << 16
 on the plan, so every sharding starts from the same tables."""
 
 
-class TorchRecEmbeddings(nn.Module):
+class TorchRecEmbeddings(Embeddings):
     """`FeatureEmbeddings`' place in a network when the tables are sharded: one TorchRec table
     per categorical column (named after it), fed a KeyedJaggedTensor of the batch's ids (one id
     per row and column). Pooled outputs are read by name: a sharded collection returns them
@@ -29,13 +30,10 @@ class TorchRecEmbeddings(nn.Module):
         super().__init__()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
-        self.tables = dict(tables)
-        self.names = list(tables)
+        self.tables = dict(tables)  # in the data's column order: the fields' order
         self.dim = dim
         self.seed = seed
         self.sharded = False
-        self.first_order = None
-        self.num_categorical = len(self.names)
         # On the meta device: the sharder allocates each rank's shards only.
         self.collection = EmbeddingBagCollection(
             tables=[
@@ -53,7 +51,7 @@ class TorchRecEmbeddings(nn.Module):
 
     @property
     def num_fields(self) -> int:
-        return self.num_categorical
+        return len(self.tables)
 
     def _apply(self, fn: Any, recurse: bool = True) -> TorchRecEmbeddings:
         # Unsharded, the tables are meta tensors, which cannot move: a run that stops before
@@ -62,11 +60,6 @@ class TorchRecEmbeddings(nn.Module):
             return self
         return super()._apply(fn, recurse)
 
-    def forward(
-        self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.lookup(categorical, sequences)[0]
-
     def lookup(
         self, categorical: torch.Tensor, sequences: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, None]:
@@ -74,12 +67,12 @@ class TorchRecEmbeddings(nn.Module):
 
         # Key-major values: every row's id of the first column, then the second's, ...
         ids = KeyedJaggedTensor(
-            keys=self.names,
+            keys=list(self.tables),
             values=categorical.t().reshape(-1),
             lengths=torch.ones(categorical.numel(), dtype=torch.int32, device=categorical.device),
         )
         pooled = self.collection(ids).to_dict()
-        return torch.stack([pooled[t] for t in self.names], dim=1), None
+        return torch.stack([pooled[t] for t in self.tables], dim=1), None
 
     def local_shards(self) -> dict[str, list[tuple[list[int], torch.Tensor]]]:
         """Table -> this rank's shards as (offsets [row, column], values)."""
@@ -91,17 +84,18 @@ class TorchRecEmbeddings(nn.Module):
 
     @torch.no_grad()
     def initialise(self) -> None:
+        numbers = {table: j for j, table in enumerate(self.tables)}  # alike on every rank
         for table, shards in self.local_shards().items():
-            j = self.names.index(table)  # the table's number, the same on every rank
             for (row, column), values in shards:
                 rows, columns = values.shape
-                # A chunk at a time: a whole shard's draw would double its memory at the start.
-                for start in range(row, row + rows, INIT_CHUNK):
-                    count = min(INIT_CHUNK, row + rows - start)
-                    block = initial_rows(self.seed, j, start, count, self.dim)
-                    values[start - row : start - row + count].copy_(
-                        block[:, column : column + columns]
-                    )
+                # One generator's chunk at a time: a whole shard's draw would double its memory
+                # at the start, and a piece across two chunks would draw both.
+                start = row
+                while start < row + rows:
+                    stop = min(row + rows, (start // INIT_CHUNK + 1) * INIT_CHUNK)
+                    block = initial_rows(self.seed, numbers[table], start, stop - start, self.dim)
+                    values[start - row : stop - row].copy_(block[:, column : column + columns])
+                    start = stop
 
     def shard_report(self, optimizer: str) -> list[dict[str, Any]]:
         """This rank's shards, gathered from every rank: what each rank really holds."""
@@ -122,12 +116,10 @@ class TorchRecEmbeddings(nn.Module):
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         rows = [r for part in everyone for r in part]
+        per_value, per_row = OPTIMIZER_STATE[optimizer]
         for r in rows:
             values = r["rows"] * r["columns"]
-            state = STATE_FLOATS_PER_ROW[optimizer] * values
-            if optimizer == "rowwise_adagrad":  # one value per row of every shard
-                state = r["rows"]
-            r["bytes"] = int(4 * (values + state))
+            r["bytes"] = 4 * (values * (1 + per_value) + r["rows"] * per_row)
         return rows
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from train.data.features import FeatureSpec
 from train.errors import ConfigError
-from train.layout import ARTIFACT_KEY, SHARDING_PLAN_FILE, SHARDS_KEY, join
+from train.layout import ARTIFACT_KEY, SHARDING_PLAN_FILE, SHARDS_KEY, SHARDS_SUFFIX, join
 from train.sharded_embeddings import TorchRecEmbeddings, plan_table
 from train.storage import write_json
 
@@ -270,9 +270,10 @@ class TorchRec:
     def shard(
         self, module: nn.Module, device: torch.device, local_size: int | None = None
     ) -> list[dict[str, Any]]:
-        """Shards every `TorchRecEmbeddings` of `module` in place (once), fills its shards with
-        the plan-independent initial rows, and keeps DDP off them. The plan's rows (table,
-        sharding type, rank, rows, columns, bytes) are returned."""
+        """Shards every `TorchRecEmbeddings` of `module` not sharded yet, in place, fills its
+        shards with the plan-independent initial rows, and keeps DDP off them. Returns what
+        each rank now holds (table, rank, rows, columns, bytes); empty when nothing was left
+        to shard."""
         import torch.distributed as dist
         from torchrec.distributed.types import ShardingEnv
 
@@ -281,22 +282,22 @@ class TorchRec:
         report: list[dict[str, Any]] = []
         ignored: list[str] = []
         for name, embeddings in module.named_modules():
-            if not isinstance(embeddings, TorchRecEmbeddings):
-                continue
-            if not embeddings.sharded:
-                sizes = {t: (rows, embeddings.dim) for t, rows in embeddings.tables.items()}
-                plan = self.module_plan(embeddings.collection, sizes, device, local_size)
-                env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
-                embeddings.collection = self.sharder().shard(
-                    embeddings.collection, plan, env, device, module_fqn=f"{name}.collection"
-                )
-                embeddings.sharded = True
-                embeddings.initialise()
+            if not isinstance(embeddings, TorchRecEmbeddings) or embeddings.sharded:
+                continue  # sharded by an earlier fit/validate/test of this module
+            sizes = {t: (rows, embeddings.dim) for t, rows in embeddings.tables.items()}
+            plan = self.module_plan(embeddings.collection, sizes, device, local_size)
+            env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
+            embeddings.collection = self.sharder().shard(
+                embeddings.collection, plan, env, device, module_fqn=f"{name}.collection"
+            )
+            embeddings.sharded = True
+            embeddings.initialise()
             report += embeddings.shard_report(self.optimizer)
             ignored += [f"{name}.collection.{k}" for k in embeddings.collection.state_dict()]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            module, ignored
-        )
+        if ignored:
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, ignored
+            )
         return report
 
 
@@ -324,9 +325,8 @@ class TorchRecStrategy(DDPStrategy):
         # Sharded as soon as the process group exists: before a checkpoint is restored into
         # the shards and before the DDP wrap, which must leave them out.
         super().setup_environment()
-        fresh = not any(m.sharded for m in self.sharded_modules().values())
         report = self.engine.shard(self.lightning_module, self.root_device, self.num_processes)
-        if fresh and self.is_global_zero:
+        if report and self.is_global_zero:
             print(f"sharding plan ({self.engine.optimizer}):\n{plan_table(report)}", flush=True)
             root = str(self.lightning_module.trainer.default_root_dir)
             plan = {"optimizer": self.engine.optimizer, "shards": report}
@@ -338,6 +338,10 @@ class TorchRecStrategy(DDPStrategy):
             for name, m in self.lightning_module.named_modules()
             if isinstance(m, TorchRecEmbeddings)
         }
+
+    def sharded_prefixes(self) -> tuple[str, ...]:
+        """The state-dict keys the shards hold (not the checkpoint file) start with these."""
+        return tuple(f"{name}.collection." for name in self.sharded_modules())
 
     def shard_state(self) -> dict[str, Any]:
         """Every sharded collection's tables and fused optimizer state (ShardedTensors)."""
@@ -355,16 +359,16 @@ class TorchRecStrategy(DDPStrategy):
         import torch.distributed.checkpoint as dcp
 
         # A new folder, named alike on every rank, beside the file: `<file>.shards/<id>`.
-        shards = f"{filepath}.shards"
+        shards = f"{filepath}{SHARDS_SUFFIX}"
         folder = self.broadcast(uuid.uuid4().hex[:12])
         dcp.save(self.shard_state(), storage_writer=writer(join(shards, folder)))
-        prefixes = tuple(f"{name}.collection." for name in self.sharded_modules())
+        prefixes = self.sharded_prefixes()
         state = checkpoint.get("state_dict") or {}
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         checkpoint.setdefault(ARTIFACT_KEY, {})
         checkpoint[ARTIFACT_KEY] = dict(checkpoint[ARTIFACT_KEY]) | {
             SHARDS_KEY: {
-                "folder": f"{str(filepath).rstrip('/').rsplit('/', 1)[-1]}.shards/{folder}",
+                "folder": f"{str(filepath).rstrip('/').rsplit('/', 1)[-1]}{SHARDS_SUFFIX}/{folder}",
                 "modules": list(self.sharded_modules()),
             }
         }
@@ -400,15 +404,14 @@ class TorchRecStrategy(DDPStrategy):
         missing, unexpected = self.lightning_module.load_state_dict(
             checkpoint["state_dict"], strict=False
         )
-        prefixes = tuple(f"{name}.collection." for name in self.sharded_modules())
-        missing = [k for k in missing if not k.startswith(prefixes)]
+        missing = [k for k in missing if not k.startswith(self.sharded_prefixes())]
         if strict and (missing or unexpected):
             raise RuntimeError(f"checkpoint keys: missing {missing}, unexpected {unexpected}")
 
     def remove_checkpoint(self, filepath: Any) -> None:
         super().remove_checkpoint(filepath)
         if self.is_global_zero:
-            fs, path = url_to_fs(f"{filepath}.shards")
+            fs, path = url_to_fs(f"{filepath}{SHARDS_SUFFIX}")
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(path, recursive=True)
 
