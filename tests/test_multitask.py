@@ -18,7 +18,7 @@ from train.checkpoint import load
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.errors import ConfigError
-from train.heads import PerHeadBCE
+from train.heads import PerHeadBCE, with_conditionals
 from train.layout import PREDICTIONS_FILE
 from train.model import MultiHead, logit_of_log
 from train.multitask import PLE, MMoE
@@ -69,7 +69,7 @@ def test_ple_with_one_level_and_no_shared_experts_is_one_tower_per_task():
     assert level.shared_gate is None and level.shared is None
     # By hand: head k = tower_k(expert_k(x)); its gate softmaxes a single logit, so weighs 1.
     by_hand = torch.cat(
-        [net.towers[k](level.task[k](x)[:, 0]) for k in range(2)],
+        [net.towers[k](level.task[k](x)[0]) for k in range(2)],
         dim=1,
     )
     torch.testing.assert_close(net(categorical, dense), by_hand)
@@ -101,10 +101,11 @@ def test_conditional_heads_output_the_probability_of_the_product(cls):
     assert ((p >= 0) & (p <= 1)).all() and (p[:, 3] <= p[:, 1]).all() and (p[:, 1] <= p[:, 0]).all()
 
 
-def test_conditional_head_is_trained_on_the_whole_impression_space():
+def test_conditional_head_trains_on_every_row_and_on_its_own_where_the_parent_happened():
     """Rows without a click still teach the conditional finish head: its loss is BCE of
     p(click)·p(finish | click) against finish on every row, so a non-click row pushes the
-    product down through both towers."""
+    product down through the finish tower; the click tower learns from the click loss alone.
+    Its own logit, p(finish | click), is also fitted on the clicked rows, and only there."""
     torch.manual_seed(0)
     net = MultiHead(
         [20, 20], 3, ["click", "finish"], hidden=[], head_hidden=[8], condition={"finish": "click"}
@@ -112,12 +113,24 @@ def test_conditional_head_is_trained_on_the_whole_impression_space():
     categorical, dense = inputs()
     logits = net(categorical, dense)
     no_click = torch.zeros(64)  # rows with no click (and so no finish)
-    loss = F.binary_cross_entropy_with_logits(logits[:, 1], no_click)
-    loss.backward()
+    F.binary_cross_entropy_with_logits(logits[:, 1], no_click).backward()
     finish_tower = net.towers[1][-1].weight.grad
-    click_tower = net.towers[0][-1].weight.grad
     assert finish_tower is not None and finish_tower.abs().sum() > 0
-    assert click_tower is not None and click_tower.abs().sum() > 0
+    click_tower = net.towers[0][-1].weight.grad
+    assert click_tower is None or click_tower.abs().sum() == 0  # p(click) is held constant
+
+    trained = net.training_logits(net.shared(categorical, dense))
+    assert trained.shape == (64, 3)  # click, finish, finish | click
+    torch.testing.assert_close(trained[:, :2], logits.detach())
+    product = torch.sigmoid(trained[:, 0]) * torch.sigmoid(trained[:, 2])
+    torch.testing.assert_close(torch.sigmoid(trained[:, 1]), product)
+    click = (torch.arange(64) % 4 == 0).float()
+    finish = click * (torch.arange(64) % 8 == 0).float()
+    label = torch.stack([click, finish], dim=1)
+    weight = torch.full((64, 2), 2.0)
+    label, weight = with_conditionals(label, weight, net.chain)
+    torch.testing.assert_close(label[:, 2], finish)
+    torch.testing.assert_close(weight[:, 2], 2.0 * click)  # the clicked rows alone
 
 
 def test_logit_of_the_log_probability_is_finite_at_the_extremes():
@@ -321,7 +334,9 @@ def mmoe_run(tmp_path_factory) -> Path:
     return folder
 
 
-HEAD_LOGS = [f"train/{h}/{k}" for h in HEADS for k in ("loss", "head_weight")]
+HEAD_LOGS = [f"train/{h}/{k}" for h in HEADS for k in ("loss", "head_weight")] + [
+    "train/finish/given_click/loss"  # the conditional head's own loss, on clicked rows
+]
 
 
 def steps(run: Path) -> list[float]:

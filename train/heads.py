@@ -195,6 +195,24 @@ class HeadOutputs(CatMetric):
         return table.replace_schema_metadata({ARTIFACT_KEY: json.dumps(meta)})
 
 
+def with_conditionals(
+    label: Tensor, weight: Tensor, chain: Sequence[tuple[int, int]]
+) -> tuple[Tensor, Tensor]:
+    """The targets of `MultiTaskNetwork.training_logits`: every head's [rows, heads], then,
+    per conditional head (child, parent) of `chain`, the child's label weighted by its own
+    weight on the rows where the parent happened and 0 elsewhere: its own logit's loss is the
+    global weighted mean over the parent's positives, p(child | parent) fitted where it is
+    observed. The product keeps the child's loss on the whole impression space."""
+    if not chain:
+        return label, weight
+    children = [child for child, _ in chain]
+    observed = label[:, [parent for _, parent in chain]]
+    return (
+        torch.cat([label, label[:, children]], dim=1),
+        torch.cat([weight, weight[:, children] * observed], dim=1),
+    )
+
+
 class PerHeadBCE(Objective):
     """`model=multihead`: one output per head, each on its own unweighted loss (a continuous
     behaviour's head weighted as in `head_weights`); the metrics rank by the fused score, and

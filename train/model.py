@@ -500,17 +500,33 @@ class MultiTaskNetwork(RankingNetwork):
     ) -> torch.Tensor:
         return self.head_logits(self.shared(categorical, dense, sequences))
 
+    def training_logits(self, shared: torch.Tensor) -> torch.Tensor:
+        """What training fits, [rows, heads + conditional heads]: `head_logits`, then each
+        conditional head's own logit, p(head | parent), in `chain` order. The own logit is also
+        fitted directly on the rows where its parent happened (`train.heads.with_conditionals`):
+        through the product alone it learns slowly, from the few rows where p(parent) is high
+        (the worked example's finish head needed 10 epochs instead of 4)."""
+        own = self.tower_logits(shared)
+        conditioned = self.conditioned(own)
+        if not self.chain:
+            return conditioned
+        return torch.cat([conditioned, own[:, [child for child, _ in self.chain]].float()], 1)
+
     def conditioned(self, logits: torch.Tensor) -> torch.Tensor:
         """Each conditional head's logit turned into the logit of its unconditional
         probability, log p(h) = log p(h | parent) + log p(parent) in log space (exact where a
-        product of probabilities would round to 0); unconditioned heads are returned as is."""
+        product of probabilities would round to 0); unconditioned heads are returned as is.
+        The parent's probability enters as a constant of the child's gradient."""
         if not self.chain:
             return logits
         logits = logits.float()
         log_p = list(F.logsigmoid(logits).unbind(1))
         columns = list(logits.unbind(1))
         for child, parent in self.chain:  # parents first
-            log_p[child] = log_p[child] + log_p[parent]
+            # The parent's tower learns from its own loss alone: through the product, the
+            # child's loss would also pull p(parent) towards the child's label (the worked
+            # example's click head lost 0.007 AUC to it).
+            log_p[child] = log_p[child] + log_p[parent].detach()
             columns[child] = logit_of_log(log_p[child])
         return torch.stack(columns, dim=1)
 

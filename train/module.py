@@ -19,7 +19,7 @@ from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.data.vocabulary import Vocabulary
 from train.errors import ConfigError, UpweightError
-from train.heads import PerHeadBCE
+from train.heads import PerHeadBCE, with_conditionals
 from train.layout import ARTIFACT_KEY, CALIBRATION_KEY
 from train.metrics import BehaviourMetrics
 from train.model import MultiTaskNetwork, check_fusion, network_logits
@@ -147,14 +147,18 @@ class RankingModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # Nothing here reads a value back to the host: a GPU runs ahead of Python all step.
         shared = None
-        if self.balance.needs_shared:  # its gradient norms are measured there
+        label, weight = self.objective.targets(batch.behaviours)
+        heads = label.shape[1]
+        if isinstance(self.model, MultiTaskNetwork):
+            # From the shared representation: loss balancing measures gradient norms there, and
+            # conditional heads fit their own logits too.
             dense = self.preprocess(batch.dense)
             shared = self.model.shared(batch.categorical, dense, batch.sequences)
-            logits = self.model.head_logits(shared)
+            logits = self.model.training_logits(shared)
+            label, weight = with_conditionals(label, weight, self.model.chain)
         else:
             logits = self(batch.categorical, batch.dense, batch.sequences)
         rows = len(batch.behaviours)
-        label, weight = self.objective.targets(batch.behaviours)
         weighted, summed = loss_sums(logits.reshape(rows, -1), label, weight)
         weight_sum = weight.sum(0)
         bad = ~(torch.isfinite(summed).all() & torch.isfinite(weight_sum).all())
@@ -170,16 +174,24 @@ class RankingModule(L.LightningModule):
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         losses = weighted.sum(0) / denominator * world
         global_losses = total[:outputs] / denominator
-        loss = self.balance.combine(losses, global_losses, shared, self._sum_over_ranks, world)
+        loss = self.balance.combine(
+            losses[:heads], global_losses[:heads], shared, self._sum_over_ranks, world
+        )
+        # Conditional heads' own losses (p(child | parent) on the parent's positives) are not
+        # balanced: they fit a part of their head's product, not a behaviour of their own.
+        loss = loss + losses[heads:].sum()
         # Only on the steps the logger writes (`self.log` is Python work on every call), and not
         # on the progress bar: Lightning turns its values into Python numbers after every step.
         if self._logging_step():
-            self.log("train/loss", global_losses.sum())
+            self.log("train/loss", global_losses[:heads].sum())
             if outputs > 1:  # each head's loss and its weight in the balance
                 weights = self.balance.effective().detach()
                 for j, head in enumerate(self.balance.heads):
                     self.log(f"train/{head}/loss", global_losses[j])
                     self.log(f"train/{head}/head_weight", weights[j])
+                for j, (child, parent) in enumerate(getattr(self.model, "chain", ())):
+                    names = self.balance.heads[child], self.balance.heads[parent]
+                    self.log("train/{}/given_{}/loss".format(*names), global_losses[heads + j])
         return loss
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
