@@ -76,7 +76,8 @@ class FeatureEmbeddings(Embeddings):
     pooled without a loop over rows: `mean` and `sum` in one `embedding_bag` per list column
     (padding weighs 0), `attention` as DIN's target attention (a small MLP scores each element
     against the candidate's embedding from the same table; the weighted sum, weights not
-    normalised, as in DIN).
+    normalised, as in DIN). The ids, the attention keys and the bags are looked up in one call
+    (`_TableLookup`), so the table's gradient is one sparse tensor.
     A row whose list is empty or null pools to zeros.
     """
 

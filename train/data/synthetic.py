@@ -35,6 +35,11 @@ finish/watch-time objectives really disagree (the "seesaw" that sample weighting
 trade off). Everything else is mostly main effects so that an embedding+MLP model over the
 id columns can get close to the oracle.
 
+Each impression also carries list columns: ``hist_videos``, the user's last ``history_len``
+clicks before it in a click log that starts a month before train (so a user with few
+impressions still has a long history), ``hist_categories``, those videos' categories item by
+item (side information per history item), and ``tags``, the video's tags.
+
 Run ``python -m train.data.synthetic OUT_FOLDER [--rows N] [--shards K] [--format F]`` to
 write the three splits as files (e.g. to try ``data=files``).
 
