@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from train.errors import ConfigError
-from train.optim import SparseDenseAdam, adam, cosine, warmup_cosine
+from train.optim import SparseDenseAdam, adam, cosine, row_gradients, warmup_cosine
 
 
 class Tiny(nn.Module):
@@ -129,3 +129,20 @@ def test_config_factories_check_their_values_and_build_the_same_optimizer():
     ]:
         with pytest.raises(ConfigError, match=message):
             make()
+
+
+def test_row_gradients_sum_duplicates_alike_with_or_without_a_host_read():
+    """The CPU path (each row once) and the device path (no read: every occurrence carries its
+    row's sum) give the same row sums."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 20, (200,), generator=generator)
+    values = torch.randn(200, 3, generator=generator)
+    grad = torch.sparse_coo_tensor(rows[None], values, (50, 3), check_invariants=True)
+    expected = torch.zeros(50, 3).index_add_(0, rows, values)
+    once, sums = row_gradients(grad, distinct=True)
+    assert torch.equal(once, rows.unique())
+    torch.testing.assert_close(sums, expected[once])
+    repeated, repeated_sums = row_gradients(grad, distinct=False)
+    assert torch.equal(repeated, rows.sort().values)
+    torch.testing.assert_close(repeated_sums, expected[repeated])
+    assert row_gradients(grad)[0].shape == once.shape  # the CPU default: each row once

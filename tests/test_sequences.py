@@ -13,6 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torch import nn
 
 from train.data.batch import SequenceInput
 from train.data.features import DataError, FeatureSpec, sequence_matrix
@@ -131,6 +132,51 @@ def test_the_gradient_reaches_the_shared_table() -> None:
     rows = {r for r, g in zip(grad.indices()[0].tolist(), grad.values(), strict=True) if g.any()}
     # The candidates' rows and the history's (2, 3, 4), never the padding row 0.
     assert rows == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_one_lookup_gives_the_gradients_of_separate_lookups(sparse: bool) -> None:
+    """Ids, attention keys and pooled bags of one table go through one lookup (one sparse
+    gradient): the fields and every table's gradient (DeepFM's first-order one too) are those
+    of looking each up on its own with `nn.Embedding` and `embedding_bag`."""
+    torch.manual_seed(0)
+    lists = [
+        SequenceInput(table=1, max_len=3, pooling="mean"),
+        SequenceInput(table=1, max_len=3, pooling="attention", candidate=1),
+        SequenceInput(table=2, max_len=3, pooling="sum", own_table=True),
+    ]
+    layer = FeatureEmbeddings([5, 6, 4], 4, sparse=sparse, sequences=lists, first_order=True)
+    nn.init.normal_(layer.first_order.weight)
+    ids = torch.tensor([[1, 2], [3, 5], [0, 1]])
+    seqs = torch.cat([LISTS, LISTS.flip(0), torch.tensor([[1, 3, 0], [0, 0, 0], [2, 2, 0]])], 1)
+    fields, scalars = layer.lookup(ids, seqs)
+    (fields.square().sum() + scalars.square().sum()).backward()
+
+    weight = layer.table.weight.detach().requires_grad_()
+    first = layer.first_order.weight.detach().requires_grad_()
+    rows = ids + layer.offsets[:2]
+    expected, expected_scalars = [weight[rows]], [first[rows, 0]]
+    for i, spec in enumerate(lists):
+        local = seqs[:, 3 * i : 3 * i + 3]
+        elements = local + layer.offsets[spec.table]
+        present = (local > 0).float()
+        if spec.pooling == "attention":
+            keys, query = weight[elements], weight[rows[:, 1]].unsqueeze(1).expand(-1, 3, -1)
+            mlp = layer.attention[str(i)]
+            w = mlp(torch.cat([keys, query, keys * query, keys - query], -1)).squeeze(-1)
+            w = w * present
+        else:
+            w = present / present.sum(1, keepdim=True).clamp(min=1) if i == 0 else present
+        expected.append((w.unsqueeze(-1) * weight[elements]).sum(1))
+        expected_scalars.append((w * first[elements, 0]).sum(1))
+    expected_fields = torch.cat([expected[0], torch.stack(expected[1:], 1)], 1)
+    expected_scalars = torch.cat([expected_scalars[0], torch.stack(expected_scalars[1:], 1)], 1)
+    (expected_fields.square().sum() + expected_scalars.square().sum()).backward()
+    torch.testing.assert_close(fields, expected_fields)
+    torch.testing.assert_close(scalars, expected_scalars)
+    for mine, theirs in ((layer.table.weight, weight), (layer.first_order.weight, first)):
+        assert mine.grad.is_sparse == sparse
+        torch.testing.assert_close(mine.grad.to_dense(), theirs.grad)
 
 
 def feed_with_lists(folder: Path, fmt: str) -> Path:

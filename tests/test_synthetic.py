@@ -40,8 +40,9 @@ EXPECTED_SCHEMA = [
     ("e_watch_s", pa.float32()),
     ("hist_videos", pa.list_(pa.int64())),
     ("tags", pa.list_(pa.string())),
+    ("hist_categories", pa.list_(pa.int64())),
 ]
-LIST_COLUMNS = ["hist_videos", "tags"]
+LIST_COLUMNS = ["hist_videos", "tags", "hist_categories"]
 ID_COLUMNS = ["user_id", "video_id", "author_id", "category", "hour", "device"]
 DENSE_COLUMNS = ["video_len_s", "user_activity", "video_age_days", "author_followers_log"]
 BEHAVIOURS = ["click", "finish", "like", "watch_s"]
@@ -228,6 +229,21 @@ def test_history_is_the_users_latest_clicks_before_the_impression() -> None:
             np.testing.assert_array_equal(hist, videos[max(0, end - 8) : end])
             checked += 1
     assert checked > 8_000
+
+
+def test_history_categories_are_the_history_videos_categories() -> None:
+    """hist_categories is hist_videos' side information, item by item: same nulls, same
+    lengths (also when shortened), each item its video's category."""
+    for sim in (small(), small(history_len=3)):
+        table = sim.table("test")
+        videos = table["hist_videos"].combine_chunks()
+        categories = table["hist_categories"].combine_chunks()
+        np.testing.assert_array_equal(videos.is_null(), categories.is_null())
+        np.testing.assert_array_equal(videos.value_lengths(), categories.value_lengths())
+        category_of = sim.world().video_category
+        flat = videos.flatten().to_numpy()
+        np.testing.assert_array_equal(categories.flatten().to_numpy(), category_of[flat])
+        assert len(flat) > 0
 
 
 def test_tags_are_per_video_and_follow_the_topic() -> None:

@@ -76,7 +76,8 @@ class FeatureEmbeddings(Embeddings):
     pooled without a loop over rows: `mean` and `sum` in one `embedding_bag` per list column
     (padding weighs 0), `attention` as DIN's target attention (a small MLP scores each element
     against the candidate's embedding from the same table; the weighted sum, weights not
-    normalised, as in DIN).
+    normalised, as in DIN). The ids, the attention keys and the bags are looked up in one call
+    (`_TableLookup`), so the table's gradient is one sparse tensor.
     A row whose list is empty or null pools to zeros.
     """
 
@@ -120,7 +121,8 @@ class FeatureEmbeddings(Embeddings):
                 if s.pooling == "attention"
             }
         )
-        bounds = torch.tensor([0, *[s.max_len for s in self.sequences]]).cumsum(0).tolist()
+        self.slices_len = [s.max_len for s in self.sequences]
+        bounds = torch.tensor([0, *self.slices_len]).cumsum(0).tolist()
         self.slices = list(itertools.pairwise(bounds))
 
     @property
@@ -133,51 +135,93 @@ class FeatureEmbeddings(Embeddings):
         """(fields [rows, num_fields, dim], first-order scalars [rows, num_fields] or None
         without `first_order`): a list column's scalar is pooled with its vector's weights."""
         rows = categorical + self.offsets[: self.num_categorical]
-        fields = self.table(rows)
-        scalars = None if self.first_order is None else self.first_order(rows).squeeze(-1)
         if not self.sequences:
-            return fields, scalars
+            scalars = None if self.first_order is None else self.first_order(rows).squeeze(-1)
+            return self.table(rows), scalars
         if sequences is None:
             raise ValueError("this network pools list columns: expected `sequences`")
-        pooled = [
-            self._pool(i, spec, sequences[:, a:b], fields)
-            for i, (spec, (a, b)) in enumerate(zip(self.sequences, self.slices, strict=True))
+        lists = [sequences[:, a:b] for a, b in self.slices]
+        present = [local > 0 for local in lists]  # 0: padding or a null element
+        list_rows = [
+            local + self.offsets[spec.table]
+            for spec, local in zip(self.sequences, lists, strict=True)
         ]
-        fields = torch.cat([fields, torch.stack([v for v, _ in pooled], dim=1)], dim=1)
-        if scalars is not None:
-            scalars = torch.cat([scalars, torch.stack([w for _, w in pooled], dim=1)], dim=1)
-        return fields, scalars
-
-    def _pool(
-        self, i: int, spec: SequenceInput, local: torch.Tensor, fields: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        present = local > 0  # 0: padding or a null element
-        rows = local + self.offsets[spec.table]
-        if spec.pooling != "attention":
-            weight = present.to(self.table.weight.dtype)
-            if spec.pooling == "mean":
+        attention = [i for i, s in enumerate(self.sequences) if s.pooling == "attention"]
+        bags = [i for i, s in enumerate(self.sequences) if s.pooling != "attention"]
+        bag_weights = {}
+        for i in bags:
+            weight = present[i].to(self.table.weight.dtype)
+            if self.sequences[i].pooling == "mean":
                 weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
-            pooled = F.embedding_bag(
-                rows,
-                self.table.weight,
-                mode="sum",
-                per_sample_weights=weight,
-                sparse=self.table.sparse,
-            )
-        else:
-            keys = self.table(rows)  # [rows, L, dim]
-            query = fields[:, spec.candidate].unsqueeze(1).expand_as(keys)
+            bag_weights[i] = weight
+        # One call for the whole table, so its gradient is one sparse tensor: several lookups
+        # of one table would each bring their own, and autograd's sum of sparse gradients
+        # costs ~6x their concatenation on the CPU (for batch x history-length entries).
+        widths = [self.num_categorical, *(self.sequences[i].max_len for i in attention)]
+        singles, *pooled_bags = _TableLookup.apply(
+            self.table.weight,
+            self.table.sparse,
+            torch.cat([rows, *(list_rows[i] for i in attention)], dim=1),
+            *itertools.chain.from_iterable((list_rows[i], bag_weights[i]) for i in bags),
+        )
+        fields, *keys_of = torch.split(singles, widths, dim=1)
+        pooled: dict[int, torch.Tensor] = dict(zip(bags, pooled_bags, strict=True))
+        for i, keys in zip(attention, keys_of, strict=True):  # keys: [rows, L, dim]
+            query = fields[:, self.sequences[i].candidate].unsqueeze(1).expand_as(keys)
             scores = self.attention[str(i)](
                 torch.cat([keys, query, keys * query, keys - query], dim=-1)
             ).squeeze(-1)
             # DIN's weights are not normalised (no softmax): how much of the history relates to
             # the candidate is itself the signal; a softmax would scale every row's weights to 1.
-            weight = scores * present
-            pooled = (weight.unsqueeze(-1) * keys).sum(1)
+            bag_weights[i] = scores * present[i]
+            pooled[i] = (bag_weights[i].unsqueeze(-1) * keys).sum(1)
+        order = range(len(self.sequences))
+        fields = torch.cat([fields, torch.stack([pooled[i] for i in order], dim=1)], dim=1)
         if self.first_order is None:
-            return pooled, None
-        # [rows, L] scalars: no bag needed at width 1
-        return pooled, (weight * self.first_order(rows).squeeze(-1)).sum(1)
+            return fields, None
+        # [rows, L] scalars, pooled with the vectors' weights; one lookup, one gradient.
+        first = self.first_order(torch.cat([rows, *list_rows], dim=1)).squeeze(-1)
+        scalars, *elements = torch.split(first, [self.num_categorical, *self.slices_len], dim=1)
+        pooled_scalars = [(bag_weights[i] * elements[i]).sum(1) for i in order]
+        return fields, torch.cat([scalars, torch.stack(pooled_scalars, dim=1)], dim=1)
+
+
+class _TableLookup(torch.autograd.Function):
+    """Rows of one table, some looked up one by one (`singles`, [rows, K]) and some pooled as
+    weighted sums of fixed-width bags (pairs of [rows, L] rows and weights, no gradient to the
+    weights), with one gradient for the table: the entries of every lookup concatenated (a
+    row-sparse tensor like `nn.Embedding`'s, one entry per looked-up id) or, for a dense
+    table, summed into its shape. Forward: `embedding` and `embedding_bag`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, weight: torch.Tensor, sparse: bool, singles: torch.Tensor, *bags: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.sparse, ctx.shape = sparse, weight.shape
+        ctx.save_for_backward(singles, *bags)
+        pooled = [
+            F.embedding_bag(rows, weight, mode="sum", per_sample_weights=w)
+            for rows, w in zip(bags[::2], bags[1::2], strict=True)
+        ]
+        return (F.embedding(singles, weight), *pooled)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        singles, *bags = ctx.saved_tensors
+        dim = ctx.shape[1]
+        indices = [singles.reshape(-1)]
+        values = [grads[0].reshape(-1, dim)]
+        for rows, w, grad in zip(bags[::2], bags[1::2], grads[1:], strict=True):
+            indices.append(rows.reshape(-1))
+            values.append((w.unsqueeze(-1) * grad.unsqueeze(1)).reshape(-1, dim))
+        index, value = torch.cat(indices), torch.cat(values)
+        if ctx.sparse:
+            table = torch.sparse_coo_tensor(
+                index.unsqueeze(0), value, ctx.shape, check_invariants=False
+            )
+        else:
+            table = value.new_zeros(ctx.shape).index_add_(0, index, value)
+        return (table, None, None, *([None] * len(bags)))
 
 
 def network_logits(

@@ -155,16 +155,29 @@ class SparseDenseAdam(torch.optim.Optimizer):
             param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
 
 
-def row_gradients(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_gradients(
+    grad: torch.Tensor, distinct: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, values) of a row-sparse gradient, each row's values summed over its duplicates.
 
     A coalesced gradient (DDP's reduction makes one) has each row once. An uncoalesced one
     (the embedding's own backward: one entry per looked-up id) keeps its length: entries are
     sorted by row and each carries the sum of its row's entries. `coalesce()` would give each
     row once, but its length is the number of distinct rows, which a GPU has to read back
-    before the next op; this costs a few more rows per step and no read."""
+    before the next op; this costs a few more rows per step and no read. `distinct` (default:
+    on the CPU, where no read stalls anything) gives each row once instead."""
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
+    if distinct is None:
+        distinct = grad.device.type == "cpu"
+    if distinct:
+        # A behaviour sequence brings batch x length entries, mostly repeats of popular rows,
+        # and every repeat would otherwise go through the whole Adam update: 4x the rows of a
+        # 30-long history's distinct ones on the simulator (bench/sequences.py).
+        rows, inverse = torch.unique(grad._indices()[0], sorted=True, return_inverse=True)
+        values = grad._values()
+        sums = values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, inverse, values)
+        return rows, sums
     rows, order = grad._indices()[0].sort()
     values = grad._values().index_select(0, order)
     starts = torch.ones_like(rows, dtype=torch.bool)

@@ -35,6 +35,11 @@ finish/watch-time objectives really disagree (the "seesaw" that sample weighting
 trade off). Everything else is mostly main effects so that an embedding+MLP model over the
 id columns can get close to the oracle.
 
+Each impression also carries list columns: ``hist_videos``, the user's last ``history_len``
+clicks before it in a click log that starts a month before train (so a user with few
+impressions still has a long history), ``hist_categories``, those videos' categories item by
+item (side information per history item), and ``tags``, the video's tags.
+
 Run ``python -m train.data.synthetic OUT_FOLDER [--rows N] [--shards K] [--format F]`` to
 write the three splits as files (e.g. to try ``data=files``).
 
@@ -84,6 +89,7 @@ SCHEMA = pa.schema(
         ("e_watch_s", pa.float32()),
         ("hist_videos", pa.list_(pa.int64())),
         ("tags", pa.list_(pa.string())),
+        ("hist_categories", pa.list_(pa.int64())),
     ]
 )
 # CSV has no list type: a list cell is its items joined by this (empty list -> "", null -> null).
@@ -440,7 +446,7 @@ class FeedSimulator:
             "p_finish": p_finish.astype(np.float32),
             "p_like": p_like.astype(np.float32),
             "e_watch_s": e_watch_s.astype(np.float32),
-            "hist_videos": self._history(w, split, user, day),
+            **self._history(w, split, user, day),
             "tags": _list_column(
                 w.tag_offsets[video],
                 np.diff(w.tag_offsets)[video],
@@ -451,8 +457,12 @@ class FeedSimulator:
         }
         return pa.table(columns, schema=SCHEMA)
 
-    def _history(self, w: World, split: str, user: np.ndarray, day: np.ndarray) -> pa.ChunkedArray:
-        """Each impression's ``hist_videos``: the user's last clicks before its day, oldest first."""
+    def _history(
+        self, w: World, split: str, user: np.ndarray, day: np.ndarray
+    ) -> dict[str, pa.ChunkedArray]:
+        """Each impression's ``hist_videos`` (the user's last clicks before its day, oldest
+        first) and ``hist_categories`` (those videos' categories, item by item: the side
+        information of each history item, as DIN's click logs pair item and category ids)."""
         n = len(user)
         # The log sorted by (user, day) is sorted by this key too, so one search finds, for
         # every impression, the end of its user's clicks before that day.
@@ -464,7 +474,12 @@ class FeedSimulator:
         # Own stream per split: the nulls never shift the draws of the other columns.
         rng = np.random.default_rng([self.seed, _SPLIT_LIST_STREAM + _SPLIT_STREAM[split]])
         null = rng.random(n) < _NULL_HISTORY_SHARE
-        return _list_column(start, np.where(null, 0, end - start), w.log_video, null)
+        length = np.where(null, 0, end - start)
+        return {
+            "hist_videos": _list_column(start, length, w.log_video, null),
+            # Placed after `tags` in the schema: a later column, so every earlier one is kept.
+            "hist_categories": _list_column(start, length, w.video_category[w.log_video], null),
+        }
 
     def write(self, folder: str, format: str = "parquet", shards: int = 1) -> dict[str, list[str]]:
         """Write every split as ``folder/<split>/part-XXXXX.<ext>``; return the paths per split.
