@@ -155,6 +155,12 @@ class SparseDenseAdam(torch.optim.Optimizer):
             param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
 
 
+DISTINCT_ROW_DEVICES = frozenset({"cpu"})
+"""Device types whose `row_gradients` gives each row once (`torch.unique`): where reading the
+count of distinct rows stalls nothing. Everywhere else the fixed-size sort runs, which
+tests/test_no_sync.py checks on the CPU by emptying this set."""
+
+
 def row_gradients(
     grad: torch.Tensor, distinct: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +171,11 @@ def row_gradients(
     sorted by row and each carries the sum of its row's entries. `coalesce()` would give each
     row once, but its length is the number of distinct rows, which a GPU has to read back
     before the next op; this costs a few more rows per step and no read. `distinct` (default:
-    on the CPU, where no read stalls anything) gives each row once instead."""
+    on `DISTINCT_ROW_DEVICES`, where no read stalls anything) gives each row once instead."""
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
     if distinct is None:
-        distinct = grad.device.type == "cpu"
+        distinct = grad.device.type in DISTINCT_ROW_DEVICES
     if distinct:
         # A behaviour sequence brings batch x length entries, mostly repeats of popular rows,
         # and every repeat would otherwise go through the whole Adam update: 4x the rows of a
