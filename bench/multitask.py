@@ -6,7 +6,8 @@ Every arm trains one epoch of the same in-memory simulated rows through the job'
 (ImpressionDataModule + RankingModule + lightning.Trainer, batch 4096, the 8 categorical and 4
 dense features of bench/throughput.py) with the conf/model/ defaults of each network: dnn (one
 logit on the `seed` scheme), multihead, mmoe and ple (a head per behaviour, each on its own
-loss), and mmoe with conditional heads, with per-head weights, and with each loss balancing.
+loss), ple with two shared experts (its default before one), and mmoe with conditional heads,
+with per-head weights, and with each loss balancing.
 Every arm runs once per round (load drifts hit them alike); prints ms per step (median) and
 each arm's step time over dnn's (the median of the per-round ratios). The issue's bound:
 a multi-task step costs at most 1.6x a dnn step.
@@ -50,6 +51,7 @@ ARMS = {
     "multihead": ("multihead", {}, {}),
     "mmoe": ("mmoe", {}, {}),
     "ple": ("ple", {}, {}),
+    "ple 2 shared": ("ple", {"shared_experts": 2}, {}),  # the default before one shared expert
     "mmoe condition": ("mmoe", {"condition": {"finish": "click"}}, {}),
     "mmoe head_weights": ("mmoe", {}, {"head_weights": {"click": "seed"}}),
     "mmoe uncertainty": ("mmoe", {}, {"balance": "uncertainty"}),

@@ -177,9 +177,10 @@ class RankingModule(L.LightningModule):
         loss = self.balance.combine(
             losses[:heads], global_losses[:heads], shared, self._sum_over_ranks, world
         )
-        # Conditional heads' own losses (p(child | parent) on the parent's positives) are not
-        # balanced: they fit a part of their head's product, not a behaviour of their own.
-        loss = loss + losses[heads:].sum()
+        if outputs > heads:
+            # Conditional heads' own losses (p(child | parent) on the parent's positives) are not
+            # balanced: they fit a part of their head's product, not a behaviour of their own.
+            loss = loss + losses[heads:].sum()
         # Only on the steps the logger writes (`self.log` is Python work on every call), and not
         # on the progress bar: Lightning turns its values into Python numbers after every step.
         if self._logging_step():

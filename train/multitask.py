@@ -65,8 +65,8 @@ class Experts(nn.Module):
 def linears(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """Every Linear of `layers` applied to the same `x`, as one matrix product of their
     stacked weights: one pass over `x` and one over its gradient instead of one per layer. A
-    PLE level's experts and gates are many narrow layers on one input; with them fused (and
-    `mix`), a ple step went from 1.89x to 1.71x a dnn step (bench/multitask.py, 2 CPU threads)."""
+    PLE level's experts and gates are many narrow layers on one input, which a CPU runs far
+    below its rate for one wide product (bench/multitask.py, arm `ple 2 shared`)."""
     if len(layers) == 1:
         return [layers[0](x)]
     weight = torch.cat([layer.weight for layer in layers])
@@ -145,8 +145,8 @@ class MMoE(MultiTaskNetwork):
         return torch.softmax(gates.unflatten(1, (len(self.heads), -1)), dim=-1)
 
     def tower_logits(self, shared: torch.Tensor) -> torch.Tensor:
-        # Every head mixes the same experts: one batched product for all the mixtures measured
-        # faster than `mix` per head (bench/multitask.py: 1.49x against 1.86x a dnn step).
+        # Every head mixes the same experts: one batched product for all the mixtures (`mix` per
+        # head measured slower in bench/multitask.py).
         first, gates = linears(shared, [self.experts.first, self.gates])
         experts = self.experts.after_first(first).transpose(0, 1)  # [rows, experts, width]
         mixed = torch.bmm(self.per_head(gates), experts)  # [rows, heads, width]
