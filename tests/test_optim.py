@@ -61,6 +61,38 @@ def test_matches_sparse_adam_and_adamw():
     assert not torch.equal(ours.table.weight, initial)
 
 
+class TwoTables(nn.Module):
+    """Tables of different sizes and widths: the lazy step runs on all their rows at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(50, 4, sparse=True)
+        self.small = nn.Embedding(7, 3, sparse=True)
+        self.linear = nn.Linear(7, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([self.table(ids), self.small(ids % 7)], 1)).squeeze(-1)
+
+
+def test_several_tables_each_match_sparse_adam():
+    torch.manual_seed(0)
+    ours = TwoTables()
+    reference = copy.deepcopy(ours)
+    train(ours, [SparseDenseAdam(ours, lr=0.05, weight_decay=0.0)], steps=25)
+    tables = [reference.table.weight, reference.small.weight]
+    dense = [reference.linear.weight, reference.linear.bias]
+    train(
+        reference,
+        [
+            torch.optim.SparseAdam(tables, lr=0.05),
+            torch.optim.AdamW(dense, lr=0.05, weight_decay=0),
+        ],
+        steps=25,
+    )
+    for (name, mine), theirs in zip(ours.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_embedding_lr_zero_freezes_the_tables_only():
     torch.manual_seed(0)
     model = Tiny()
