@@ -18,7 +18,7 @@ from train.checkpoint import load
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.errors import ConfigError
-from train.heads import PerHeadBCE, with_conditionals
+from train.heads import PerHeadBCE, loss_denominators, with_conditionals
 from train.layout import PREDICTIONS_FILE
 from train.model import MultiHead, logit_of_log
 from train.multitask import PLE, MMoE
@@ -131,6 +131,11 @@ def test_conditional_head_trains_on_every_row_and_on_its_own_where_the_parent_ha
     label, weight = with_conditionals(label, weight, net.chain)
     torch.testing.assert_close(label[:, 2], finish)
     torch.testing.assert_close(weight[:, 2], 2.0 * click)  # the clicked rows alone
+    # ... and a clicked row weighs as much in the own fit as in the product's loss (the own
+    # loss is divided by the finish weight of every row, not of the clicked ones).
+    per_row = weight / loss_denominators(weight.sum(0), net.chain)
+    torch.testing.assert_close(per_row[click > 0, 2], per_row[click > 0, 1])
+    assert per_row[:, 2].sum() == pytest.approx(click.mean().item())
 
 
 def test_logit_of_the_log_probability_is_finite_at_the_extremes():

@@ -200,9 +200,9 @@ def with_conditionals(
 ) -> tuple[Tensor, Tensor]:
     """The targets of `MultiTaskNetwork.training_logits`: every head's [rows, heads], then,
     per conditional head (child, parent) of `chain`, the child's label weighted by its own
-    weight on the rows where the parent happened and 0 elsewhere: its own logit's loss is the
-    global weighted mean over the parent's positives, p(child | parent) fitted where it is
-    observed. The product keeps the child's loss on the whole impression space."""
+    weight on the rows where the parent happened and 0 elsewhere: p(child | parent) fitted
+    where it is observed (divided as `loss_denominators` says). The product keeps the child's
+    loss on the whole impression space."""
     if not chain:
         return label, weight
     children = [child for child, _ in chain]
@@ -211,6 +211,20 @@ def with_conditionals(
         torch.cat([label, label[:, children]], dim=1),
         torch.cat([weight, weight[:, children] * observed], dim=1),
     )
+
+
+def loss_denominators(weight_totals: Tensor, chain: Sequence[tuple[int, int]]) -> Tensor:
+    """What each output of `with_conditionals` divides its Σwℓ by: its own global Σw, but the
+    child's Σw over every impression for a conditional head's own logit. That loss is then
+    Σ over the parent's positives of wℓ / Σ over all rows of w: a clicked row weighs as much in
+    the own fit as in the product's loss. Divided by the positives' own Σw instead (a mean over
+    them), the fit outpaced the heads trained on every row by about the inverse click rate and
+    peaked epochs before them, so the click-monitored checkpoint caught it overfitted (README,
+    "Multi-task rivals")."""
+    if not chain:
+        return weight_totals
+    heads = len(weight_totals) - len(chain)
+    return torch.cat([weight_totals[:heads], weight_totals[[child for child, _ in chain]]])
 
 
 class PerHeadBCE(Objective):

@@ -547,9 +547,10 @@ class MultiTaskNetwork(RankingNetwork):
     def training_logits(self, shared: torch.Tensor) -> torch.Tensor:
         """What training fits, [rows, heads + conditional heads]: `head_logits`, then each
         conditional head's own logit, p(head | parent), in `chain` order. The own logit is also
-        fitted directly on the rows where its parent happened (`train.heads.with_conditionals`):
-        through the product alone it learns slowly, mostly from the rows where p(parent) is
-        high (a non-parent row's gradient is scaled by p(parent))."""
+        fitted directly on the rows where its parent happened (`train.heads.with_conditionals`,
+        each row weighing as in the product's loss: `train.heads.loss_denominators`): through
+        the product alone it learns slowly, mostly from the rows where p(parent) is high (a
+        non-parent row's gradient is scaled by p(parent))."""
         own = self.tower_logits(shared)
         conditioned = self.conditioned(own)
         if not self.chain:

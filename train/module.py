@@ -19,7 +19,7 @@ from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.data.vocabulary import Vocabulary
 from train.errors import ConfigError, UpweightError
-from train.heads import PerHeadBCE, with_conditionals
+from train.heads import PerHeadBCE, loss_denominators, with_conditionals
 from train.layout import ARTIFACT_KEY, CALIBRATION_KEY
 from train.metrics import BehaviourMetrics
 from train.model import MultiTaskNetwork, check_fusion, network_logits
@@ -169,7 +169,10 @@ class RankingModule(L.LightningModule):
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
         self.guard.loss(total[-1] > 0, self.global_step, logits, label, weight, batch.dense)
         outputs = len(summed)
-        denominator = total[outputs : 2 * outputs].clamp_min(torch.finfo(torch.float32).tiny)
+        denominator = loss_denominators(
+            total[outputs : 2 * outputs], getattr(self.model, "chain", ())
+        )
+        denominator = denominator.clamp_min(torch.finfo(torch.float32).tiny)
         world = self.trainer.world_size
         # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
         losses = weighted.sum(0) / denominator * world
