@@ -113,8 +113,8 @@ class SparseDenseAdam(torch.optim.Optimizer):
         The rows come as `row_gradients` gives them: every occurrence of a row carries that
         row's summed gradient, so each occurrence computes the same new values and the
         `index_copy_`s write identical values wherever a row repeats. The arithmetic runs on
-        every table's rows at once (`torch._foreach_*`, the same ops elementwise): a model has
-        one table per id column, and per-table ops cost more in dispatch than in arithmetic."""
+        every sparse table's rows at once (`torch._foreach_*`, the same ops elementwise): the
+        embedding table, DeepFM's first-order weights, any other `nn.Embedding(sparse=True)`."""
         beta1, beta2 = group["betas"]
         lr, eps = float(group["lr"]), group["eps"]
         params, rows, grads = [], [], []
