@@ -112,18 +112,15 @@ class SparseDenseAdam(torch.optim.Optimizer):
 
         The rows come as `row_gradients` gives them: every occurrence of a row carries that
         row's summed gradient, so each occurrence computes the same new values and the
-        `index_copy_`s write identical values wherever a row repeats. The arithmetic runs on
-        every sparse table's rows at once (`torch._foreach_*`, the same ops elementwise): the
-        embedding table, DeepFM's first-order weights, any other `nn.Embedding(sparse=True)`."""
+        `index_copy_`s write identical values wherever a row repeats."""
         beta1, beta2 = group["betas"]
         lr, eps = float(group["lr"]), group["eps"]
-        params, rows, grads = [], [], []
         for param in group["params"]:
             if param.grad is None:
                 continue
             if param.grad.sparse_dim() != 1:
                 raise ValueError("sparse gradients must be row-sparse (nn.Embedding's)")
-            touched, values = row_gradients(param.grad)
+            rows, values = row_gradients(param.grad)
             if values.numel() == 0:  # a size known on the host: no read
                 continue
             state = self.state[param]
@@ -133,46 +130,29 @@ class SparseDenseAdam(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(param)
             elif not torch.is_tensor(state["step"]):  # checkpoints before the step moved
                 state["step"] = torch.tensor(float(state["step"]), device=param.device)
-            params.append(param)
-            rows.append(touched)
-            grads.append(values)
-        if not params:
-            return
-        states = [self.state[param] for param in params]
-        keep: float | torch.Tensor = 1.0
-        if self.found_inf is not None:
-            # A skipped step moves nothing: its gradient is zeroed (it may be NaN, and
-            # 0 * NaN is NaN) and every change below is scaled by 0.
-            keep = 1.0 - self.found_inf
-            skip = self.found_inf.bool()
-            grads = [values.masked_fill(skip, 0.0) for values in grads]
-        steps = [state["step"] for state in states]
-        # One tensor per step: `_foreach_add_(steps, tensor)` reads the tensor back on the CPU.
-        torch._foreach_add_(steps, [keep] * len(steps) if torch.is_tensor(keep) else keep)
-        m = [s["exp_avg"].index_select(0, r) for s, r in zip(states, rows, strict=True)]
-        v = [s["exp_avg_sq"].index_select(0, r) for s, r in zip(states, rows, strict=True)]
-        # old + (1 - b) * (new - old), as SparseAdam computes it
-        change = torch._foreach_sub(grads, m)
-        torch._foreach_mul_(change, (1 - beta1) * keep)
-        torch._foreach_add_(m, change)
-        change = torch._foreach_mul(grads, grads)
-        torch._foreach_sub_(change, v)
-        torch._foreach_mul_(change, (1 - beta2) * keep)
-        torch._foreach_add_(v, change)
-        for state, r, new_m, new_v in zip(states, rows, m, v, strict=True):
-            state["exp_avg"].index_copy_(0, r, new_m)
-            state["exp_avg_sq"].index_copy_(0, r, new_v)
-        # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
-        # 6e-5); clamped: a skipped first step has step 0 (its factor is multiplied by 0).
-        t = torch.stack(steps).double()
-        bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
-        step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
-        torch._foreach_sqrt_(v)
-        torch._foreach_add_(v, eps)
-        torch._foreach_div_(m, v)
-        torch._foreach_mul_(m, list(step_size.float().unbind()))
-        for param, r, update in zip(params, rows, m, strict=True):
-            param.index_copy_(0, r, param.index_select(0, r).sub_(update))
+            keep = 1.0
+            if self.found_inf is not None:
+                # A skipped step moves nothing: its gradient is zeroed (it may be NaN, and
+                # 0 * NaN is NaN) and every change below is scaled by 0.
+                keep = 1.0 - self.found_inf
+                values = values.masked_fill(self.found_inf.bool(), 0.0)
+            state["step"].add_(keep)
+            step = state["step"]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            # old + (1 - b) * (new - old), as SparseAdam computes it
+            m = exp_avg.index_select(0, rows)
+            m.add_(values.sub(m).mul_((1 - beta1) * keep))
+            v = exp_avg_sq.index_select(0, rows)
+            v.add_(values.square().sub_(v).mul_((1 - beta2) * keep))
+            exp_avg.index_copy_(0, rows, m)
+            exp_avg_sq.index_copy_(0, rows, v)
+            # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
+            # 6e-5); clamped: a skipped first step has step 0 (its factor is multiplied by 0).
+            t = step.double()
+            bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
+            step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
+            update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
+            param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
 
 
 DISTINCT_ROW_DEVICES = frozenset({"cpu"})
