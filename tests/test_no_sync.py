@@ -18,7 +18,7 @@ import torch
 
 from tests.helpers import TINY, train_in_process
 from tests.nosync import HostSyncGuard
-from train import optim
+from train import host
 from train.nonfinite import NonFiniteGuard
 from train.optim import SparseDenseAdam
 
@@ -29,9 +29,9 @@ from train.optim import SparseDenseAdam
     [("dnn", "stop"), ("dnn", "skip"), ("multihead", "stop"), ("mmoe", "skip")],
 )
 def test_training_steps_never_read_back_to_the_host(tmp_path, model, nonfinite, monkeypatch):
-    # The CPU's own row update counts distinct rows (no stall there); a GPU's is the fixed-size
-    # sort, the path checked here.
-    monkeypatch.setattr(optim, "DISTINCT_ROW_DEVICES", frozenset())
+    # The CPU takes the paths a free read allows (distinct rows, facts of bad batches only);
+    # the device paths are the ones checked here.
+    monkeypatch.setattr(host, "READS_FREE_ON", frozenset())
     # mmoe with every multi-task option: GradNorm's norms and weights stay on the device too.
     multitask = [
         "model.condition={finish: click}",
@@ -73,8 +73,12 @@ def test_the_guard_sees_a_read_in_a_step():
     assert guard.report().startswith("0 host syncs")
 
 
-def test_skipped_step_moves_nothing_on_the_device():
-    # found_inf = 1 leaves every parameter, moment and step count as it was; 0 trains.
+@pytest.mark.parametrize("reads_free", [True, False], ids=["cpu-path", "device-path"])
+def test_skipped_step_moves_nothing_on_the_device(reads_free, monkeypatch):
+    # found_inf = 1 leaves every parameter, moment and step count as it was; 0 trains. On the
+    # CPU the step is skipped outright; on a device, by arithmetic scaled by 0.
+    if not reads_free:
+        monkeypatch.setattr(host, "READS_FREE_ON", frozenset())
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 1))
     optimizer = SparseDenseAdam(model, lr=0.1)
@@ -111,3 +115,25 @@ def test_the_bad_gradient_is_named_when_some_parameters_have_none():
     assert bool(skip) and guard.first_grads.tolist() == [False, True, False]
     with pytest.raises(SystemExit, match=r"non-finite gradient at global step 7 in b\."):
         guard.check()
+
+
+def test_a_bad_batch_is_described_alike_on_the_cpu_and_the_device_paths(monkeypatch):
+    # The CPU records a batch's facts only once it knows the batch is bad; a device records
+    # them every step and keeps the first bad one's: the same message either way, and a good
+    # batch before it leaves nothing behind.
+    logits = torch.tensor([[0.5], [float("inf")], [-1.0]])
+    label, weight = torch.tensor([[1.0], [0.0], [1.0]]), torch.tensor([[2.0], [1.0], [3.0]])
+    dense = torch.tensor([[1.0, float("nan")], [float("inf"), 0.0], [1.0, 2.0]])
+    messages = []
+    for free in (frozenset({"cpu"}), frozenset()):
+        monkeypatch.setattr(host, "READS_FREE_ON", free)
+        guard = NonFiniteGuard("stop", ["w"])
+        guard.loss(torch.tensor(False), 3, logits[[0, 2]], label[:2], weight[:2], dense[:2])
+        guard.check()  # a good batch: nothing recorded
+        guard.loss(torch.tensor(True), 4, logits, label, weight, dense)
+        with pytest.raises(SystemExit) as stop:
+            guard.check()
+        messages.append(str(stop.value))
+    assert messages[0] == messages[1]
+    assert "global step 4; batch: 3 rows, weight sum 6 min 1 max 3" in messages[0], messages[0]
+    assert "non-finite logits 1/3, infinite dense 1/6 (NaN = missing: 1)" in messages[0]

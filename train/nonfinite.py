@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from train.host import reads_free
+
 MODES = ("stop", "skip")
 FACTS = (
     "rows",
@@ -95,6 +97,8 @@ class NonFiniteGuard:
         """Records a bad loss (`bad`: a 0-d bool, alike on every rank) with its batch's facts."""
         self.to(bad.device)
         self.loss_bad = self.loss_bad | bad  # any micro-batch of an accumulated step
+        if reads_free(bad.device) and not bool(bad):
+            return  # the facts are kept for a bad batch only: here that is known now
         finite = torch.isfinite(weight)
         facts = torch.stack(
             [
@@ -119,13 +123,11 @@ class NonFiniteGuard:
         present = [g._values() if g.is_sparse else g for g in grads if g is not None]
         if present:
             self.to(present[0].device)
-        # Each gradient's 2-norm accumulated in float64 (no float32 value can overflow it):
-        # finite exactly when every value is; one fused pass over all of them.
-        norms = iter(torch._foreach_norm(present, 2, dtype=torch.float64) if present else [])
-        zero = torch.zeros((), dtype=torch.float64, device=self.loss_bad.device)
-        bad_grads = ~torch.isfinite(
-            torch.stack([zero if g is None else next(norms) for g in grads])
-        )
+        # Σ 0·g is 0 exactly when every value of g is finite (0·inf and 0·NaN are NaN) and,
+        # unlike a norm or a sum of g, it cannot overflow: no float64 copy of the gradients.
+        sums = iter([g.mul(0).sum(dtype=torch.float32) for g in present])
+        zero = torch.zeros((), device=self.loss_bad.device)
+        bad_grads = ~torch.isfinite(torch.stack([zero if g is None else next(sums) for g in grads]))
         skip = self.loss_bad | bad_grads.any()
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)

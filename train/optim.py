@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from train.errors import ConfigError
+from train.host import reads_free
 
 
 class SparseDenseAdam(torch.optim.Optimizer):
@@ -26,11 +28,13 @@ class SparseDenseAdam(torch.optim.Optimizer):
     weights that decay (AdamW), biases/norms/dense embeddings that don't, and parameters with
     sparse gradients (SparseAdam). Schedulers scale the `lr` of every group alike.
 
-    No step reads a value back to the host, so a GPU never waits on it: the dense groups take
-    the fused AdamW kernel, the sparse rows are summed with fixed-size ops (`row_gradients`), and
-    the step counts and bias corrections stay on the device. `found_inf` (a 0-d float tensor, as
-    `torch.amp.GradScaler` sets it on torch's optimizers) skips a step on the device when it
-    holds 1: no parameter, moment or step count moves (`RankingModule`'s non-finite guard)."""
+    No step reads a value back to the host where that stalls (a GPU; see `train.host`): the
+    dense groups take the fused AdamW kernel, the sparse rows are summed with fixed-size ops
+    (`row_gradients`), and the step counts and bias corrections stay on the device. `found_inf`
+    (a 0-d float tensor, as `torch.amp.GradScaler` sets it on torch's optimizers) skips a step
+    on the device when it holds 1: no parameter, moment or step count moves (`RankingModule`'s
+    non-finite guard). On the CPU, where reads are free, the rows are made distinct, a skipped
+    step is skipped outright and the bias corrections are Python numbers."""
 
     skips_on_device = True
     """`found_inf` is honoured without a host read (the module's guard looks for this)."""
@@ -120,6 +124,9 @@ class SparseDenseAdam(torch.optim.Optimizer):
                 continue
             if param.grad.sparse_dim() != 1:
                 raise ValueError("sparse gradients must be row-sparse (nn.Embedding's)")
+            host = reads_free(param.device)
+            if host and self.found_inf is not None and bool(self.found_inf):
+                continue  # a skipped step moves nothing
             rows, values = row_gradients(param.grad)
             if values.numel() == 0:  # a size known on the host: no read
                 continue
@@ -131,13 +138,12 @@ class SparseDenseAdam(torch.optim.Optimizer):
             elif not torch.is_tensor(state["step"]):  # checkpoints before the step moved
                 state["step"] = torch.tensor(float(state["step"]), device=param.device)
             keep = 1.0
-            if self.found_inf is not None:
+            if self.found_inf is not None and not host:
                 # A skipped step moves nothing: its gradient is zeroed (it may be NaN, and
                 # 0 * NaN is NaN) and every change below is scaled by 0.
                 keep = 1.0 - self.found_inf
                 values = values.masked_fill(self.found_inf.bool(), 0.0)
-            state["step"].add_(keep)
-            step = state["step"]
+            step = state["step"].add_(keep)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             # old + (1 - b) * (new - old), as SparseAdam computes it
             m = exp_avg.index_select(0, rows)
@@ -147,18 +153,17 @@ class SparseDenseAdam(torch.optim.Optimizer):
             exp_avg.index_copy_(0, rows, m)
             exp_avg_sq.index_copy_(0, rows, v)
             # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
-            # 6e-5); clamped: a skipped first step has step 0 (its factor is multiplied by 0).
-            t = step.double()
-            bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
-            step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
+            # 6e-5); on the device clamped: a skipped first step has step 0 (its factor is
+            # multiplied by 0).
+            if host:
+                t = float(step)
+                step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            else:
+                t = step.double()
+                bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
+                step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
             update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
             param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
-
-
-DISTINCT_ROW_DEVICES = frozenset({"cpu"})
-"""Device types whose `row_gradients` gives each row once (`torch.unique`): where reading the
-count of distinct rows stalls nothing. Everywhere else the fixed-size sort runs, which
-tests/test_no_sync.py checks on the CPU by emptying this set."""
 
 
 def row_gradients(
@@ -171,20 +176,28 @@ def row_gradients(
     sorted by row and each carries the sum of its row's entries. `coalesce()` would give each
     row once, but its length is the number of distinct rows, which a GPU has to read back
     before the next op; this costs a few more rows per step and no read. `distinct` (default:
-    on `DISTINCT_ROW_DEVICES`, where no read stalls anything) gives each row once instead."""
+    where a read stalls nothing, `train.host`) gives each row once instead."""
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
     if distinct is None:
-        distinct = grad.device.type in DISTINCT_ROW_DEVICES
+        distinct = reads_free(grad.device)
+    ids = grad._indices()[0]
     if distinct:
         # A behaviour sequence brings batch x length entries, mostly repeats of popular rows,
         # and every repeat would otherwise go through the whole Adam update: 4x the rows of a
         # 30-long history's distinct ones on the simulator (bench/sequences.py).
-        rows, inverse = torch.unique(grad._indices()[0], sorted=True, return_inverse=True)
+        # Sorted stably, each row's entries form one bag, which embedding_bag sums in their
+        # original order, as index_add_ would (the same float sums), at a third of its cost on
+        # the CPU, where index_add_ of rows goes element by element through scatter_add_.
+        # 32-bit ids sort in two thirds of the time of 64-bit ones.
+        narrow = ids.to(torch.int32) if len(grad) <= torch.iinfo(torch.int32).max else ids
+        rows, order = narrow.sort(stable=True)
+        rows, counts = torch.unique_consecutive(rows, return_counts=True)
         values = grad._values()
-        sums = values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, inverse, values)
-        return rows, sums
-    rows, order = grad._indices()[0].sort()
+        flat = values.reshape(len(values), -1)
+        sums = F.embedding_bag(order, flat, counts.cumsum(0).sub_(counts), mode="sum")
+        return rows.to(ids.dtype), sums.view(len(rows), *values.shape[1:])
+    rows, order = ids.sort()
     values = grad._values().index_select(0, order)
     starts = torch.ones_like(rows, dtype=torch.bool)
     torch.ne(rows[1:], rows[:-1], out=starts[1:])
