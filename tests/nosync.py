@@ -1,8 +1,9 @@
 """A test-only guard against host synchronisation in training steps.
 
-On a GPU, reading a tensor back to Python (`.item()`, `.tolist()`, `if tensor:`) or running an op
+On a GPU, reading a tensor back to Python (`.item()`, `.tolist()`, `if tensor:`), running an op
 whose output size depends on the data (`nonzero`, `unique`, boolean-mask indexing, sparse
-`coalesce`) stalls the host until the device has caught up. On the CPU nothing stalls, so the
+`coalesce`) or making a tensor from Python data (`torch.tensor([...])`, a list as an index: a
+blocking copy from the host) stalls the host until the device has caught up. On the CPU nothing stalls, so the
 guard looks for those ops themselves: `NoHostSync` is a `TorchDispatchMode` that records every
 such op it sees (and `Tensor.tolist` / `Tensor.numpy`, which on the CPU read memory without
 dispatching an op), with the Python frames that issued it.
@@ -36,6 +37,9 @@ SYNCING = {
     aten.equal,
     aten.is_nonzero,
     aten.allclose,
+    # A tensor made from Python data (`torch.tensor([...])`, or a list used as an index): on a
+    # GPU it is copied from pageable host memory, and that blocking copy waits for the device.
+    aten.lift_fresh,
 }
 """Ops whose result reaches the host (or whose output size does) before the next op can run."""
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
+from train.host import take_columns
 from train.layout import ARTIFACT_KEY, PREDICTIONS_FORMAT
 from train.metrics import CatMetric, auc, calibration, logloss, xauc
 from train.objective import Evaluation, Objective
@@ -206,10 +207,10 @@ def with_conditionals(
     if not chain:
         return label, weight
     children = [child for child, _ in chain]
-    observed = label[:, [parent for _, parent in chain]]
+    observed = take_columns(label, [parent for _, parent in chain])
     return (
-        torch.cat([label, label[:, children]], dim=1),
-        torch.cat([weight, weight[:, children] * observed], dim=1),
+        torch.cat([label, take_columns(label, children)], dim=1),
+        torch.cat([weight, take_columns(weight, children) * observed], dim=1),
     )
 
 
@@ -224,7 +225,7 @@ def loss_denominators(weight_totals: Tensor, chain: Sequence[tuple[int, int]]) -
     if not chain:
         return weight_totals
     heads = len(weight_totals) - len(chain)
-    return torch.cat([weight_totals[:heads], weight_totals[[child for child, _ in chain]]])
+    return torch.cat([weight_totals[:heads], take_columns(weight_totals, [c for c, _ in chain])])
 
 
 class PerHeadBCE(Objective):
@@ -292,7 +293,7 @@ class PerHeadBCE(Objective):
         self.outputs = nn.ModuleDict({"val": outputs(), "test": outputs()})
 
     def targets(self, behaviours: Tensor) -> tuple[Tensor, Tensor]:
-        values = behaviours[:, self.columns]
+        values = take_columns(behaviours, self.columns)
         weights = head_weights(values, self.head_scale)
         if self.schemed:
             # A head with its own scheme takes the scheme's weights (in place of a continuous

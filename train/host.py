@@ -1,4 +1,5 @@
-"""Where reading a tensor's value back to Python costs nothing.
+"""The host and the device: where reading a value back costs nothing, and columns picked
+without host data.
 
 A GPU runs ahead of Python until something reads a value back (`.item()`, `bool(tensor)`, an op
 whose output size depends on the data); then it waits once per step. The CPU runs every op
@@ -11,6 +12,8 @@ CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 READS_FREE_ON = frozenset({"cpu"})
@@ -19,3 +22,10 @@ READS_FREE_ON = frozenset({"cpu"})
 
 def reads_free(device: torch.device) -> bool:
     return device.type in READS_FREE_ON
+
+
+def take_columns(tensor: torch.Tensor, picked: Sequence[int]) -> torch.Tensor:
+    """`tensor[..., picked]` without an index tensor. A list index becomes a tensor made from
+    Python data, which a GPU copies from pageable host memory, blocking until the device has
+    caught up (tests/nosync.py flags it); one view per column and a stack read nothing."""
+    return torch.stack([tensor[..., i] for i in picked], dim=-1)

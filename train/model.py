@@ -34,6 +34,7 @@ from train.config_checks import (
 )
 from train.data.batch import SequenceInput
 from train.errors import ConfigError
+from train.host import take_columns
 from train.weights import check_head_weights
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -555,7 +556,8 @@ class MultiTaskNetwork(RankingNetwork):
         conditioned = self.conditioned(own)
         if not self.chain:
             return conditioned
-        return torch.cat([conditioned, own[:, [child for child, _ in self.chain]].float()], 1)
+        children = take_columns(own, [child for child, _ in self.chain])
+        return torch.cat([conditioned, children.float()], 1)
 
     def conditioned(self, logits: torch.Tensor) -> torch.Tensor:
         """Each conditional head's logit turned into the logit of its unconditional
