@@ -74,10 +74,12 @@ def module(folder: Path, **kwargs) -> ImpressionDataModule:
 
 
 def rows_of(batches) -> Counter:
-    """Every row of the batches as a hashable tuple (ids, group, dense, behaviours)."""
+    """Every row of the batches as a hashable tuple (ids, group if the batches have it, dense,
+    behaviours)."""
     out: Counter = Counter()
     for b in batches:
-        parts = [b.categorical.double(), b.group[:, None].double(), b.dense.double()]
+        group = [] if b.group is None else [b.group[:, None].double()]
+        parts = [b.categorical.double(), *group, b.dense.double()]
         parts.append(b.behaviours.double())
         out.update(map(tuple, torch.cat(parts, 1).nan_to_num(-999.0).tolist()))
     return out
@@ -104,8 +106,12 @@ def test_memory_and_stream_feed_the_same_rows_and_statistics(tmp_path, fmt):
         assert len(a) == len(train_m) == len(b) == len(train_s)
         assert rows_of(a) == rows_of(b), "same multiset of rows every epoch"
         assert sum(len(x) for x in b) == 3000
+        # Only the evaluation metrics read the group: training batches do not carry it.
+        assert all(x.group is None and x.oracle is None for x in a + b)
     for split in ("val", "test"):
-        assert rows_of(memory._eval(split)) == rows_of(stream._eval(split))
+        evaluation = list(memory._eval(split))
+        assert all(x.group is not None and len(x.group) == len(x) for x in evaluation)
+        assert rows_of(evaluation) == rows_of(stream._eval(split))
 
 
 def test_statistics_are_those_of_the_whole_split(feed):

@@ -29,7 +29,7 @@ from train.data.features import FeatureSpec
 from train.data.stats import TrainStats
 from train.model import DNN
 from train.module import RankingModule
-from train.nonfinite import NonFiniteError
+from train.nonfinite import NonFiniteError, NonFiniteGuard
 from train.weights import build_scheme
 
 # One epoch of 5 batches of 4096 (20000 rows): the batch statistics below are of 4096 rows.
@@ -147,6 +147,27 @@ def test_nonfinite_sparse_gradient_is_found_and_skip_drops_the_step():
     m2 = module("stop")
     m2(categorical, torch.ones(2, 1)).sum().backward()
     m2.on_before_optimizer_step(torch.optim.SGD(m2.parameters(), lr=0.1))  # finite: no error
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 1])
+def test_guard_flags_nan_and_both_infinities_not_huge_values(bad, where):
+    # Gradients at the edge of float32 are finite: no overflow may flag them. An empty gradient
+    # and a parameter without one are fine.
+    names = ["table", "linear", "empty", "frozen"]
+    table = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.full((3, 4), 3.4e38), (9, 4))
+    linear = torch.full((5, 4), -3.4e38)
+    guard = NonFiniteGuard("stop", names)
+    assert not bool(guard.gradients([table, linear, torch.zeros(0), None], step=0))
+    if where == 0:
+        values = table._values().clone()
+        values[2, 1] = bad
+        table = torch.sparse_coo_tensor(table._indices(), values, table.shape)
+    else:
+        linear[4, 3] = bad
+    assert bool(guard.gradients([table, linear, torch.zeros(0), None], step=1))
+    with pytest.raises(NonFiniteError, match=f"at global step 1 in {names[where]}. The step"):
+        guard.check()
 
 
 # --------------------------------------------------------------------------- S3 outage

@@ -120,14 +120,17 @@ class NonFiniteGuard:
     def gradients(self, grads: Sequence[Tensor | None], step: int) -> Tensor:
         """Whether this step must be skipped (a 0-d bool): a bad loss or any non-finite gradient
         (`grads` in the order of `parameter_names`; sparse ones by their values)."""
-        present = [g._values() if g.is_sparse else g for g in grads if g is not None]
+        values = [g._values() if g is not None and g.is_sparse else g for g in grads]
+        present = [v for v in values if v is not None]
         if present:
             self.to(present[0].device)
-        # Σ 0·g is 0 exactly when every value of g is finite (0·inf and 0·NaN are NaN) and,
-        # unlike a norm or a sum of g, it cannot overflow: no float64 copy of the gradients.
-        sums = iter([g.mul(0).sum(dtype=torch.float32) for g in present])
+        # g's least and greatest values are finite exactly when all of g is (min and max
+        # propagate NaN; -inf is the least, inf the greatest): one pass that writes nothing and,
+        # unlike a norm or a sum, cannot overflow. Nothing to check: no gradient, or an empty one.
         zero = torch.zeros((), device=self.loss_bad.device)
-        bad_grads = ~torch.isfinite(torch.stack([zero if g is None else next(sums) for g in grads]))
+        ends = [(zero, zero) if v is None or v.numel() == 0 else torch.aminmax(v) for v in values]
+        lows, highs = zip(*ends, strict=True)
+        bad_grads = ~(torch.isfinite(torch.stack(lows)) & torch.isfinite(torch.stack(highs)))
         skip = self.loss_bad | bad_grads.any()
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)

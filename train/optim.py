@@ -145,25 +145,27 @@ class SparseDenseAdam(torch.optim.Optimizer):
                 values = values.masked_fill(self.found_inf.bool(), 0.0)
             step = state["step"].add_(keep)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            # old + (1 - b) * (new - old), as SparseAdam computes it
-            m = exp_avg.index_select(0, rows)
-            m.add_(values.sub(m).mul_((1 - beta1) * keep))
-            v = exp_avg_sq.index_select(0, rows)
-            v.add_(values.square().sub_(v).mul_((1 - beta2) * keep))
+            # old + (1 - b) * (new - old), as SparseAdam computes it: lerp's formula for a
+            # weight below 1/2, in one op.
+            m = exp_avg.index_select(0, rows).lerp_(values, (1 - beta1) * keep)
+            v = exp_avg_sq.index_select(0, rows).lerp_(values.square(), (1 - beta2) * keep)
             exp_avg.index_copy_(0, rows, m)
             exp_avg_sq.index_copy_(0, rows, v)
             # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
             # 6e-5); on the device clamped: a skipped first step has step 0 (its factor is
             # multiplied by 0).
+            denominator = v.sqrt_().add_(eps)
+            old = param.index_select(0, rows)
             if host:
                 t = float(step)
                 step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                new = old.addcdiv_(m, denominator, value=-step_size)
             else:
                 t = step.double()
                 bias2 = (1 - torch.pow(beta2, t)).clamp_min(1e-300).sqrt()
                 step_size = (lr * keep) * bias2 / (1 - torch.pow(beta1, t)).clamp_min(1e-300)
-            update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
-            param.index_copy_(0, rows, param.index_select(0, rows).sub_(update))
+                new = old.sub_(m.div_(denominator).mul_(step_size))
+            param.index_copy_(0, rows, new)
 
 
 def row_gradients(

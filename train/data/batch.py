@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -42,8 +43,8 @@ class Batch:
     """[rows, dense features] float32, raw values, NaN where missing."""
     behaviours: torch.Tensor
     """[rows, behaviours] float32, in the order of `data.behaviours`."""
-    group: torch.Tensor
-    """[rows] int64, the GAUC group (hash of `data.group_key`)."""
+    group: torch.Tensor | None = None
+    """[rows] int64, the GAUC group (hash of `data.group_key`); None in training batches."""
     oracle: torch.Tensor | None = None
     """[rows, oracle behaviours] float32 true P(b) or E[b] (simulated data only)."""
     oracle_positive: torch.Tensor | None = None
@@ -55,6 +56,12 @@ class Batch:
 
     def __len__(self) -> int:
         return self.categorical.shape[0]
+
+    def for_training(self) -> Batch:
+        """The columns a training step reads: the group and the oracle columns serve the
+        evaluation metrics only, so training batches leave them out (fewer rows to gather, to
+        pin and to send from a loader's workers)."""
+        return dataclasses.replace(self, group=None, oracle=None, oracle_positive=None)
 
     def index(self, rows: torch.Tensor | slice, pin: bool = False) -> Batch:
         """The rows' copy (a view for a slice). `pin`: cut straight into page-locked memory, so

@@ -3,7 +3,6 @@ rank yields the same number of batches and no row is duplicated or dropped."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -74,9 +73,7 @@ class TrainBatches(EpochPosition):
         world_size: int = 1,
         pin: bool = False,
     ) -> None:
-        # Training reads no oracle columns (metrics only): not gathering them saves a third of
-        # a batch's copying.
-        self.table = dataclasses.replace(table, oracle=None, oracle_positive=None)
+        self.table = table.for_training()
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank

@@ -265,7 +265,7 @@ class StreamDataset(IterableDataset):
                         window += 1
                         position = 0
                     length = min(size, total - window * size)
-                    current = self._featurize(rows.take(length))
+                    current = self._featurize(rows.take(length)).for_training()
                     generator = np.random.default_rng(
                         [self.seed % 2**63, self.epoch, self.rank, plan.slot, window]
                     )
