@@ -145,17 +145,17 @@ class SparseDenseAdam(torch.optim.Optimizer):
                 values = values.masked_fill(self.found_inf.bool(), 0.0)
             step = state["step"].add_(keep)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            # old + (1 - b) * (new - old), as SparseAdam computes it: lerp's formula for a
-            # weight below 1/2, in one op.
+            # old + (1 - b) * (new - old), as SparseAdam computes it, in one op: lerp's own
+            # formula for weights below 1/2 (the usual b > 1/2; otherwise equal up to rounding).
             m = exp_avg.index_select(0, rows).lerp_(values, (1 - beta1) * keep)
             v = exp_avg_sq.index_select(0, rows).lerp_(values.square(), (1 - beta2) * keep)
             exp_avg.index_copy_(0, rows, m)
             exp_avg_sq.index_copy_(0, rows, v)
-            # In float64, as SparseAdam computes it in Python (1 - 0.999 in float32 is off by
-            # 6e-5); on the device clamped: a skipped first step has step 0 (its factor is
-            # multiplied by 0).
             denominator = v.sqrt_().add_(eps)
             old = param.index_select(0, rows)
+            # The bias corrections in float64, as SparseAdam computes them in Python (1 - 0.999 in
+            # float32 is off by 6e-5); on the device clamped: a skipped first step has step 0 (its
+            # factor is multiplied by 0).
             if host:
                 t = float(step)
                 step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
