@@ -3,16 +3,16 @@
 On a GPU, reading a tensor back to Python (`.item()`, `.tolist()`, `if tensor:`), running an op
 whose output size depends on the data (`nonzero`, `unique`, boolean-mask indexing, sparse
 `coalesce`) or making a tensor from Python data (`torch.tensor([...])`, a list as an index: a
-blocking copy from the host) stalls the host until the device has caught up. On the CPU nothing stalls, so the
-guard looks for those ops themselves: `NoHostSync` is a `TorchDispatchMode` that records every
-such op it sees (and `Tensor.tolist` / `Tensor.numpy`, which on the CPU read memory without
-dispatching an op), with the Python frames that issued it.
+blocking copy from the host) stalls the host until the device has caught up. On the CPU nothing
+stalls, so the guard looks for those ops themselves: `NoHostSync` is a `TorchDispatchMode` that
+records every such op it sees (and `Tensor.tolist` / `Tensor.numpy`, which on the CPU read memory
+without dispatching an op), with the Python frames that issued it.
 
 `HostSyncGuard` is a Lightning callback that holds the mode from one training step's
 `on_train_batch_start` to the next one's, for every step after `after_steps` (the first steps may
 set up state) except the steps whose values Lightning's logger reads (`log_every_n_steps`: the
-host reads there by design), so it sees the forward, the loss, backward, the optimizer step, every callback's
-batch-end hook (the progress bar's included) and the fetch of the next batch. Epoch ends
+host reads there by design), so it sees the forward, the loss, backward, the optimizer step,
+every callback's batch-end hook (the progress bar's included) and the fetch of the next batch. Epoch ends
 (validation, checkpoints) are outside: they are not steady-state steps.
 """
 

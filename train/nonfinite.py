@@ -121,9 +121,9 @@ class NonFiniteGuard:
         """Whether this step must be skipped (a 0-d bool): a bad loss or any non-finite gradient
         (`grads` in the order of `parameter_names`; sparse ones by their values)."""
         values = [g._values() if g is not None and g.is_sparse else g for g in grads]
-        present = [v for v in values if v is not None]
-        if present:
-            self.to(present[0].device)
+        first = next((v for v in values if v is not None), None)
+        if first is not None:
+            self.to(first.device)
         # g's least and greatest values are finite exactly when all of g is (min and max
         # propagate NaN; -inf is the least, inf the greatest): one pass that writes nothing and,
         # unlike a norm or a sum, cannot overflow. Nothing to check: no gradient, or an empty one.
