@@ -160,16 +160,6 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s: {info}")
 
-    def wait_exited(self, job_id: str, timeout: float) -> None:
-        """Poll until no process of the job is left on the node (`scontrol listpids` finds none):
-        a requeued job is pending before its last run's batch script has exited."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.command("scontrol", "listpids", job_id).returncode != 0:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"job {job_id} still has processes after {timeout:.0f} s")
-
 
 CONF = """\
 ClusterName=upweighttest

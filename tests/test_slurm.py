@@ -137,11 +137,8 @@ def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
             time.sleep(0.2)
         signalled = cluster.command("scancel", "-s", "USR1", job)
         assert signalled.returncode == 0, signalled.stderr
-    # Requeued: pending again, held ~120 s by Slurm's BeginTime unless told to start now. Told
-    # only once the last run's batch script has exited: a run started before that can be booked
-    # with that script's exit status (FAILED, no output of its own), which the hold prevents.
+    # Requeued: pending again, held ~120 s by Slurm's BeginTime unless told to start now.
     cluster.wait(job, {"PENDING"}, timeout=300)
-    cluster.wait_exited(job, timeout=120)
     assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
     info = completed(cluster, job, tmp_path)
     assert info["Restarts"] == "1"
@@ -211,7 +208,6 @@ def test_a_sharded_job_requeues_with_its_shards(cluster, tmp_path):
         assert time.monotonic() < deadline, log(tmp_path)[-3000:]
         time.sleep(0.2)
     cluster.wait(job, {"PENDING"}, timeout=300)
-    cluster.wait_exited(job, timeout=120)  # see test_usr1_saves_requeues_and_resumes_exactly
     assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
     info = completed(cluster, job, tmp_path)
     assert info["Restarts"] == "1"
