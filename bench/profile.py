@@ -12,7 +12,8 @@ data, embedding forward, embedding backward, MLP forward+backward (dense preproc
 concatenation included), loss/weights (objective.targets, loss_sums, the module's reductions and
 the loss's backward), the gradient hook (`on_before_optimizer_step`: sparse coalesce, finiteness
 check), the optimizer's embedding (lazy Adam) and dense (AdamW) parts. Framework overhead is the
-job's step minus the sum of the parts. Medians over `--steps` steps after 20 warm-up steps.
+job's step minus the sum of the parts. Means over `--steps` steps after 20 warm-up steps, the
+2% slowest and fastest left out.
 Prints the table, the job's step time and rows/s and, last, `ratio <job step / sum of parts>`.
 """
 
@@ -49,6 +50,7 @@ else:
     from train.optim import SparseDenseAdam
 
 WARMUP = 20
+TRIM = 0.02
 
 
 def build_module(data, model: str) -> RankingModule:
@@ -188,6 +190,14 @@ ORDER = [
 ]
 
 
+def trimmed_mean(seconds: list[float]) -> float:
+    """The mean without the slowest and fastest TRIM of the steps: robust to a stray stall,
+    but it keeps the steps that pay for work done once every few batches (the loader gathers
+    the rows of several batches at once), which a median would leave out."""
+    cut = int(len(seconds) * TRIM)
+    return statistics.fmean(sorted(seconds)[cut : len(seconds) - cut])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=500_000)
@@ -209,21 +219,22 @@ def main() -> None:
     print(f"data: {args.rows:,} rows featurised in {time.perf_counter() - start:.1f} s")
     print(
         f"{args.model}, batch {BATCH}, {args.device}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; medians of {args.steps} steps after {WARMUP}"
+        f"torch {torch.__version__}; means of {args.steps} steps after {WARMUP}, "
+        f"the {TRIM:.0%} slowest and fastest left out"
     )
     # The job before and after the parts, pooled: a shared machine's load drifts.
     job = job_steps(data, args, sync)
     parts = part_steps(data, args, sync)
     job += job_steps(data, args, sync)
 
-    job_ms = statistics.median(job) * 1e3
-    medians = {k: statistics.median(v) * 1e3 for k, v in parts.items()}
-    names = [n for n in ORDER if n in medians] + [n for n in medians if n not in ORDER]
-    parts_ms = sum(medians.values())
+    job_ms = trimmed_mean(job) * 1e3
+    means = {k: trimmed_mean(v) * 1e3 for k, v in parts.items()}
+    names = [n for n in ORDER if n in means] + [n for n in means if n not in ORDER]
+    parts_ms = sum(means.values())
     width = max(len(n) for n in [*names, "framework overhead (job - parts)"]) + 2
     print(f"{'part':<{width}}{'ms/step':>9}{'share':>8}")
     for name in names:
-        print(f"{name:<{width}}{medians[name]:>9.2f}{medians[name] / job_ms:>8.1%}")
+        print(f"{name:<{width}}{means[name]:>9.2f}{means[name] / job_ms:>8.1%}")
     overhead = job_ms - parts_ms
     print(f"{'framework overhead (job - parts)':<{width}}{overhead:>9.2f}{overhead / job_ms:>8.1%}")
     print(f"{'job step (lightning.Trainer)':<{width}}{job_ms:>9.2f}{1:>8.1%}")

@@ -49,6 +49,33 @@ def test_one_rank_at_2b_equals_two_ranks_at_b():
         assert merged == seen([batch])
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 20), st.integers(1, 3), st.integers(1, 70))
+def test_batches_gathered_together_are_the_batches_gathered_one_by_one(
+    rows, batch_size, world, gather_rows
+):
+    # Several batches' rows are gathered at once and the batches are views of that gather:
+    # the same rows, in the same order, as one gather per batch, on every rank.
+    data = table(rows)
+    for rank in range(world):
+        together = TrainBatches(data, batch_size, 5, rank, world, gather_rows=gather_rows)
+        one_by_one = TrainBatches(data, batch_size, 5, rank, world, gather_rows=1)
+        for a, b in zip(together, one_by_one, strict=True):
+            assert torch.equal(a.categorical, b.categorical)
+            assert torch.equal(a.dense, b.dense) and torch.equal(a.behaviours, b.behaviours)
+
+
+def test_resuming_inside_a_gather_continues_with_the_next_batch():
+    data = table(300)
+    fresh = TrainBatches(data, 16, seed=0, gather_rows=48)  # 3 batches a gather
+    iterator = iter(fresh)
+    first = [next(iterator) for _ in range(4)]  # the 2nd gather's first batch
+    resumed = TrainBatches(data, 16, seed=0, gather_rows=48)
+    resumed.load_state_dict(fresh.state_dict())
+    assert fresh.state_dict()["batches_done"] == 4
+    assert seen(first) + seen(resumed) == seen(TrainBatches(data, 16, seed=0, gather_rows=16))
+
+
 def test_epochs_reshuffle_and_resume_mid_epoch():
     data = table(300)
     loader = TrainBatches(data, 16, seed=0)

@@ -129,9 +129,12 @@ class NonFiniteGuard:
         # unlike a norm or a sum, cannot overflow. Nothing to check: no gradient, or an empty one.
         zero = torch.zeros((), device=self.loss_bad.device)
         ends = [(zero, zero) if v is None or v.numel() == 0 else torch.aminmax(v) for v in values]
-        lows, highs = zip(*ends, strict=True)
-        bad_grads = ~(torch.isfinite(torch.stack(lows)) & torch.isfinite(torch.stack(highs)))
+        extremes = torch.stack([end for pair in ends for end in pair]).view(-1, 2)
+        bad_grads = ~torch.isfinite(extremes).all(1)
         skip = self.loss_bad | bad_grads.any()
+        if reads_free(skip.device) and not bool(skip):
+            self.found_inf.zero_()  # a good step, known now: nothing else to record
+            return skip
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)
         self._first(skip, step, 2)
