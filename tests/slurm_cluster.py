@@ -9,6 +9,7 @@ need `cluster.env` (SLURM_CONF) in their environment.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -148,6 +149,29 @@ class SlurmCluster:
 
     def command(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
+
+    def logs(self, tail: int = 4000) -> str:
+        """The ends of slurmctld's and slurmd's logs: what a failed job's own output cannot say
+        (a launch that failed, a node that drained)."""
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.folder / "log" / name
+            text = path.read_text(errors="replace") if path.exists() else "(none)"
+            parts.append(f"--- {path} (last {tail} characters)\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def start_requeued(self, job_id: str, timeout: float = 300) -> None:
+        """Starts a requeued job now rather than after Slurm's ~120 s hold, once the clock has
+        passed the second in which its last run was killed. slurmd refuses a launch whose
+        credential was made in the second of the job's revocation or before it (whole seconds:
+        `slurm_cred_revoked`'s `ctime <= revoked`), and the job then fails at once (FAILED,
+        RunTime 0, none of its own output); the hold is what keeps that from happening."""
+        self.wait(job_id, {"PENDING"}, timeout)  # killed, and requeued, before this moment
+        time.sleep(max(0.0, math.floor(time.time()) + 1.05 - time.time()))
+        done = self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        # Refused only if the job has left PENDING by itself meanwhile (then it runs already).
+        state = self.job(job_id).get("JobState")
+        assert done.returncode == 0 or state != "PENDING", f"{done.stderr}\n{self.logs()}"
 
     def wait(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
         """Poll until the job is in one of `states` (polling: `sbatch --wait` is slow here)."""

@@ -69,7 +69,7 @@ def log(folder: Path) -> str:
 
 def completed(cluster: SlurmCluster, job: str, folder: Path, timeout: float = 600) -> dict:
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
-    assert info["JobState"] == "COMPLETED", f"{info}\n{log(folder)[-5000:]}"
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log(folder)[-5000:]}\n{cluster.logs()}"
     return info
 
 
@@ -137,9 +137,7 @@ def test_usr1_saves_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
             time.sleep(0.2)
         signalled = cluster.command("scancel", "-s", "USR1", job)
         assert signalled.returncode == 0, signalled.stderr
-    # Requeued: pending again, held ~120 s by Slurm's BeginTime unless told to start now.
-    cluster.wait(job, {"PENDING"}, timeout=300)
-    assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    cluster.start_requeued(job)  # pending again; not held ~120 s
     info = completed(cluster, job, tmp_path)
     assert info["Restarts"] == "1"
 
@@ -204,11 +202,10 @@ def test_a_sharded_job_requeues_with_its_shards(cluster, tmp_path):
     )
     run = tmp_path / "runs" / job
     deadline = time.monotonic() + 300
-    while "preempted at step" not in log(tmp_path):  # then requeued: pending, held ~120 s
+    while "preempted at step" not in log(tmp_path):
         assert time.monotonic() < deadline, log(tmp_path)[-3000:]
         time.sleep(0.2)
-    cluster.wait(job, {"PENDING"}, timeout=300)
-    assert cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    cluster.start_requeued(job)  # pending again; not held ~120 s
     info = completed(cluster, job, tmp_path)
     assert info["Restarts"] == "1"
     text = log(tmp_path)
