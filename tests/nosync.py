@@ -12,8 +12,8 @@ without dispatching an op), with the Python frames that issued it.
 `on_train_batch_start` to the next one's, for every step after `after_steps` (the first steps may
 set up state) except the steps whose values Lightning's logger reads (`log_every_n_steps`: the
 host reads there by design), so it sees the forward, the loss, backward, the optimizer step,
-every callback's batch-end hook (the progress bar's included) and the fetch of the next batch. Epoch ends
-(validation, checkpoints) are outside: they are not steady-state steps.
+every callback's batch-end hook (the progress bar's included) and the fetch of the next batch.
+Epoch ends (validation, checkpoints) are outside: they are not steady-state steps.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ need `cluster.env` (SLURM_CONF) in their environment.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -167,11 +166,11 @@ class SlurmCluster:
         `slurm_cred_revoked`'s `ctime <= revoked`), and the job then fails at once (FAILED,
         RunTime 0, none of its own output); the hold is what keeps that from happening."""
         self.wait(job_id, {"PENDING"}, timeout)  # killed, and requeued, before this moment
-        time.sleep(max(0.0, math.floor(time.time()) + 1.05 - time.time()))
+        time.sleep(1.05 - time.time() % 1)  # into the next whole second
         done = self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        # Refused only if the job has left PENDING by itself meanwhile (then it runs already).
-        state = self.job(job_id).get("JobState")
-        assert done.returncode == 0 or state != "PENDING", f"{done.stderr}\n{self.logs()}"
+        if done.returncode != 0:  # refused only if the job has left PENDING by itself (it runs)
+            state = self.job(job_id).get("JobState")
+            assert state != "PENDING", f"{done.stderr}\n{self.logs()}"
 
     def wait(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
         """Poll until the job is in one of `states` (polling: `sbatch --wait` is slow here)."""

@@ -20,7 +20,7 @@ from tests.helpers import TINY, train_in_process
 from train.data.batch import Batch
 from train.data.device import RESIDENT_SHARE, require_cuda, resident_splits
 from train.data.features import DataError
-from train.data.loader import GATHER_ROWS, EvalBatches, TrainBatches
+from train.data.loader import EvalBatches, TrainBatches
 from train.data.module import ImpressionDataModule
 from train.data.synthetic import FeedSimulator
 from train.model import DNN
@@ -188,13 +188,13 @@ def test_pinned_batches_hold_the_same_rows(monkeypatch):
     monkeypatch.setattr(batch_module, "_pinned", plain)
     data = simulated()
     train = data.tables["train"]
-    pinned = list(TrainBatches(train, 300, seed=1, rank=1, world_size=2, pin=True))
-    plain_batches = list(TrainBatches(train, 300, seed=1, rank=1, world_size=2))
-    # Each gather of several batches' rows is cut straight into one block per tensor
-    # (categorical, dense, behaviours; no group in training), and the batches are views of
-    # those blocks: nothing else is pinned, nothing is copied twice.
-    gathers = -(-len(pinned) // max(1, GATHER_ROWS // 300))
-    assert len(cut) == 3 * gathers
+    # Two batches a gather (4 batches: 2 gathers), against batches gathered one by one.
+    pinned = list(TrainBatches(train, 300, 1, 1, 2, pin=True, gather_rows=600))
+    plain_batches = list(TrainBatches(train, 300, seed=1, rank=1, world_size=2, gather_rows=1))
+    # Each gather is cut straight into one block per tensor (categorical, dense, behaviours; no
+    # group in training), and the batches are views of those blocks: nothing else is pinned,
+    # nothing is copied twice.
+    assert len(pinned) == 4 and len(cut) == 3 * 2
     assert sum(shape[0] for shape in cut) == 3 * sum(len(b) for b in pinned)
     evaluated = list(EvalBatches(data.tables["val"], 120, 0, 2, pin=True))
     for a, b in zip(

@@ -98,25 +98,25 @@ class TrainBatches(EpochPosition):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.table), generator=generator)
         order = order.to(self.table.categorical.device)
-        global_batch = self.batch_size * self.world_size
         # Rows are gathered for several batches at once, and each batch is a view of that
         # gather: one gather of ~32k random rows costs less than half as much per row as
         # eight of 4,096 (bench/profile.py's data part), and the batches are the same.
-        chunk = max(1, self.gather_rows // self.batch_size)
-        for first in range(start, len(self), chunk):
-            steps = range(first, min(first + chunk, len(self)))
-            pieces = [
-                torch.tensor_split(
-                    order[s * global_batch : (s + 1) * global_batch], self.world_size
-                )[self.rank]
-                for s in steps
-            ]
+        per_gather = max(1, self.gather_rows // self.batch_size)
+        for first in range(start, len(self), per_gather):
+            last = min(first + per_gather, len(self))
+            pieces = [self._rows(order, step) for step in range(first, last)]
             gathered = self.table.index(torch.cat(pieces), self.pin)
             begin = 0
             for piece in pieces:
                 self.batches_done += 1
                 yield gathered.index(slice(begin, begin + len(piece)))
                 begin += len(piece)
+
+    def _rows(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's rows of the global batch `step`, from the epoch's permutation."""
+        global_batch = self.batch_size * self.world_size
+        rows = order[step * global_batch : (step + 1) * global_batch]
+        return torch.tensor_split(rows, self.world_size)[self.rank]
 
 
 class EvalBatches:
