@@ -1,13 +1,22 @@
-"""In-memory batching across ranks: every row once per epoch, equal batch counts, resumable."""
+"""In-memory batching across ranks: every row once per epoch, equal batch counts, resumable; the
+objective's labels and weights made a gather at a time, as the module makes them."""
 
 from __future__ import annotations
 
+import lightning as L
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from train.data.batch import Batch
 from train.data.loader import EvalBatches, TrainBatches
+from train.data.module import ImpressionDataModule
+from train.data.synthetic import FeedSimulator
+from train.model import DNN, MultiHead
+from train.module import RankingModule
+from train.optim import SparseDenseAdam
+from train.weights import build_scheme
 
 
 def table(rows: int) -> Batch:
@@ -99,3 +108,84 @@ def test_eval_scores_every_row_once(rows, batch_size, world):
     per_rank = [list(EvalBatches(data, batch_size, r, world)) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1
     assert sorted(i for batches in per_rank for i in seen(batches)) == list(range(rows))
+
+
+def id_targets(behaviours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Row-specific values, so a batch carrying another row's targets shows.
+    return (behaviours > 150).float(), behaviours * 0.5 + 1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_batches_carry_the_targets_of_their_own_rows(world):
+    # The loader makes the objective's targets for a whole gather; each batch's slice of them
+    # is what the objective makes from that batch's own behaviours, on every rank.
+    ids = torch.arange(300)
+    data = Batch(
+        categorical=ids[:, None], dense=ids[:, None].float(), behaviours=ids[:, None].float()
+    )
+    for rank in range(world):
+        loader = TrainBatches(data, 16, 5, rank, world, gather_rows=48, targets=id_targets)
+        batches = list(loader)
+        assert len(batches) > 3  # several gathers
+        for batch in batches:
+            label, weight = id_targets(batch.behaviours)
+            assert torch.equal(batch.label, label) and torch.equal(batch.weight, weight)
+        plain = list(TrainBatches(data, 16, 5, rank, world, gather_rows=48))
+        assert all(b.label is None and b.weight is None for b in plain)
+        assert [seen([b]) for b in batches] == [seen([b]) for b in plain]
+
+
+class LoaderTargets(L.Callback):
+    """Whether each training batch came with its labels and weights."""
+
+    def __init__(self) -> None:
+        self.carried: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.carried.append(batch.label is not None)
+
+
+def fit(network: str, loader_targets: bool, monkeypatch) -> tuple[RankingModule, list[bool]]:
+    data = ImpressionDataModule(
+        categorical={"user_id": 500, "video_id": 1000, "device": 10},
+        dense=["video_len_s", "user_activity"],
+        behaviours={"click": "click", "finish": "finish", "watch_time": "watch_s"},
+        group_key="user_id",
+        simulator=FeedSimulator(n_train=20 * 128, n_val=128, n_test=128, n_users=200),
+        batch_size=128,
+    )
+    scheme = build_scheme(
+        label="click",
+        terms=[{"behaviour": "finish", "coef": 3}, {"behaviour": "click", "coef": 1}],
+        normalize="mean",
+    )
+    data.prepare(scheme)
+    torch.manual_seed(0)
+    args = (data.spec.cardinalities, len(data.spec.dense))
+    model = DNN(*args) if network == "dnn" else MultiHead(*args, heads=["click", "finish"])
+    module = RankingModule(model, scheme, data.spec, data.stats, optimizer=SparseDenseAdam)
+    if not loader_targets:  # the module makes them itself, from each batch's behaviours
+        monkeypatch.setattr(RankingModule, "setup", L.LightningModule.setup)
+    spy = LoaderTargets()
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spy],
+    ).fit(module, datamodule=data)
+    monkeypatch.undo()
+    assert data.targets is None  # a later fit brings its own objective's
+    return module, spy.carried
+
+
+@pytest.mark.parametrize("network", ["dnn", "multihead"])
+def test_the_job_trains_alike_with_targets_made_by_the_loader(network, monkeypatch):
+    made, carried = fit(network, loader_targets=True, monkeypatch=monkeypatch)
+    own, not_carried = fit(network, loader_targets=False, monkeypatch=monkeypatch)
+    assert carried == [True] * 20 and not_carried == [False] * 20
+    for (name, a), b in zip(made.state_dict().items(), own.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

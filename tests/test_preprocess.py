@@ -27,6 +27,7 @@ from train.model import DNN, MultiHead
 from train.module import RankingModule
 from train.optim import SparseDenseAdam
 from train.predict import predict
+from train.preprocess import DensePreprocess
 from train.weights import build_scheme
 
 ROLES = {
@@ -257,3 +258,16 @@ def test_an_old_layout_checkpoint_resumes_into_the_module(parquet, tmp_path, fil
         rtol=0,
         atol=0,
     )
+
+
+def test_mean_fill_is_fill_then_standardise_exactly():
+    # The module standardises first and zeroes the NaNs after: a missing value filled with the
+    # mean is 0 once standardised, every other value (infinities too) is what filling first gives.
+    mean, std = torch.tensor([0.5, -2.0, 1e30]), torch.tensor([3.0, 0.1, 7e29])
+    nan, inf = float("nan"), float("inf")
+    dense = torch.tensor(
+        [[nan, 1.0, 2e30], [inf, nan, -inf], [-0.0, 3.4e38, nan], [0.5, -2.0, 1e30]]
+    )
+    filled = torch.where(torch.isnan(dense), mean, dense)
+    expected = (filled - mean) / std
+    assert torch.equal(DensePreprocess(mean, std, "mean")(dense), expected)

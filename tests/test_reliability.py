@@ -128,6 +128,22 @@ def test_nonfinite_gradient_stops_naming_the_parameter():
         m.on_before_optimizer_step(torch.optim.SGD(m.parameters(), lr=0.1))
 
 
+def test_each_fit_checks_the_parameters_its_strategy_set_up():
+    # The hook lists the parameters at a fit's first step and keeps the list (walking every
+    # submodule, the metrics' too, each step costs more than the check); a new fit lists them
+    # again, so a layer replaced between fits (as a strategy may) is the one checked.
+    m = module("stop")
+    m(torch.tensor([[1, 2]]), torch.ones(1, 1)).sum().backward()
+    m.on_before_optimizer_step(torch.optim.SGD(m.parameters(), lr=0.1))  # finite; listed now
+    old = m.model.mlp[0]
+    m.model.mlp[0] = torch.nn.Linear(old.in_features, old.out_features)
+    m.zero_grad()
+    m.on_fit_start()
+    backward_with_nan(m)  # NaN in the new layer's weight gradient
+    with pytest.raises(NonFiniteError, match=r"in model\.mlp\.0\.weight"):
+        m.on_before_optimizer_step(torch.optim.SGD(m.parameters(), lr=0.1))
+
+
 def test_nonfinite_sparse_gradient_is_found_and_skip_drops_the_step():
     m = module("skip")
     categorical = torch.tensor([[1, 2], [3, 4]])

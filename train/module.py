@@ -16,6 +16,7 @@ from train.balance import balance_for
 from train.calibration import OddsCorrection
 from train.data.batch import Batch
 from train.data.features import FeatureSpec
+from train.data.module import ImpressionDataModule
 from train.data.stats import TrainStats
 from train.data.vocabulary import Vocabulary
 from train.errors import ConfigError, UpweightError
@@ -23,7 +24,7 @@ from train.heads import PerHeadBCE, loss_denominators, with_conditionals
 from train.layout import ARTIFACT_KEY, CALIBRATION_KEY
 from train.metrics import BehaviourMetrics
 from train.model import MultiTaskNetwork, check_fusion, network_logits
-from train.nonfinite import NonFiniteGuard
+from train.nonfinite import NonFiniteGuard, not_finite
 from train.objective import Evaluation, Objective, WeightedBCE, loss_sums
 from train.outputs import artifact
 from train.preprocess import LEGACY_STATE_KEYS, DensePreprocess
@@ -133,6 +134,7 @@ class RankingModule(L.LightningModule):
         self.correction: OddsCorrection | None = None
         """The label's odds correction fitted on the last validation (see train.calibration)."""
         self.guard = NonFiniteGuard(nonfinite, [name for name, _ in self.named_parameters()])
+        self._trained: list[nn.Parameter] | None = None
 
     @property
     def skipped_batches(self) -> int:
@@ -147,7 +149,10 @@ class RankingModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # Nothing here reads a value back to the host: a GPU runs ahead of Python all step.
         shared = None
-        label, weight = self.objective.targets(batch.behaviours)
+        if batch.label is None:
+            label, weight = self.objective.targets(batch.behaviours)
+        else:  # made by the loader with this objective's `targets` (`setup`)
+            label, weight = batch.label, batch.weight
         heads = label.shape[1]
         if isinstance(self.model, MultiTaskNetwork):
             # From the shared representation: loss balancing measures gradient norms there, and
@@ -159,28 +164,31 @@ class RankingModule(L.LightningModule):
         else:
             logits = self(batch.categorical, batch.dense, batch.sequences)
         rows = len(batch.behaviours)
-        weighted, summed = loss_sums(logits.reshape(rows, -1), label, weight)
-        weight_sum = weight.sum(0)
-        bad = ~(torch.isfinite(summed).all() & torch.isfinite(weight_sum).all())
-        local = torch.cat([summed.detach(), weight_sum, bad.float().unsqueeze(0)])
+        _, summed = loss_sums(logits.reshape(rows, -1), label, weight)
         # Global Σw (and Σwℓ for the log) over all ranks, per output: the mean of per-rank
-        # weighted means is not the weighted mean of the global batch. The non-finite flag rides
-        # along, so every rank skips (or stops at) the same step.
-        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
-        self.guard.loss(total[-1] > 0, self.global_step, logits, label, weight, batch.dense)
-        outputs = len(summed)
-        denominator = loss_denominators(
-            total[outputs : 2 * outputs], getattr(self.model, "chain", ())
+        # weighted means is not the weighted mean of the global batch.
+        total = self.trainer.strategy.reduce(
+            torch.cat([summed.detach(), weight.sum(0)]), reduce_op="sum"
         )
+        # A sum is finite only if every term is: every rank sees a non-finite value of any rank
+        # here, so all of them skip (or stop at) the same step.
+        bad = not_finite(total).any()
+        self.guard.loss(bad, self.global_step, logits, label, weight, batch.dense)
+        outputs = len(summed)
+        denominator = loss_denominators(total[outputs:], getattr(self.model, "chain", ()))
         denominator = denominator.clamp_min(torch.finfo(torch.float32).tiny)
         world = self.trainer.world_size
-        # DDP averages gradients over ranks, so scale by world to get the gradient of Σwℓ / W.
-        losses = weighted.sum(0) / denominator * world
+        losses = summed / denominator
+        if world > 1:
+            # DDP averages gradients over ranks: scaled by world, they are those of Σwℓ / W.
+            losses = losses * world
         global_losses = total[:outputs] / denominator
-        loss = self.balance.combine(
-            losses[:heads], global_losses[:heads], shared, self._sum_over_ranks, world
-        )
-        if outputs > heads:
+        if outputs == heads:
+            loss = self.balance.combine(losses, global_losses, shared, self._sum_over_ranks, world)
+        else:
+            loss = self.balance.combine(
+                losses[:heads], global_losses[:heads], shared, self._sum_over_ranks, world
+            )
             # Conditional heads' own losses (p(child | parent) on the parent's positives) are not
             # balanced: they fit a part of their head's product, not a behaviour of their own.
             loss = loss + losses[heads:].sum()
@@ -207,7 +215,11 @@ class RankingModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are all-reduced by now (identical on every rank): no extra collective.
-        skip = self.guard.gradients([p.grad for p in self.parameters()], self.global_step)
+        # The parameters in the guard's names' order, listed at a fit's first step and kept:
+        # walking every submodule (the metrics' too) costs more than the check itself.
+        if self._trained is None:
+            self._trained = list(self.parameters())
+        skip = self.guard.gradients([p.grad for p in self._trained], self.global_step)
         if self.nonfinite == "skip" and self._logging_step():
             self.log("train/skipped_batches", self.guard.skipped.float())
         if getattr(optimizer, "skips_on_device", False):
@@ -285,6 +297,19 @@ class RankingModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def setup(self, stage: str) -> None:
+        # The data module's training batches come with this objective's labels and weights,
+        # made a gather (32k rows) at a time instead of a dozen small ops every step.
+        if stage == "fit" and isinstance(self.trainer.datamodule, ImpressionDataModule):
+            self.trainer.datamodule.targets = self.objective.targets
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and isinstance(self.trainer.datamodule, ImpressionDataModule):
+            self.trainer.datamodule.targets = None  # another fit brings its own objective's
+
+    def on_fit_start(self) -> None:
+        self._trained = None  # listed again at this fit's first step, as the strategy set it up
 
     def on_train_start(self) -> None:
         # Lightning #20550: `estimated_stepping_batches` (configure_optimizers) sets the training

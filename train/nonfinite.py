@@ -51,9 +51,15 @@ FLAGS = (
 """The guard's tensors besides `found_inf` (which moves in place)."""
 
 
+def not_finite(values: Tensor) -> Tensor:
+    """Where a float tensor is NaN or ±inf: x·0 is 0 for every finite x and NaN otherwise. Two
+    ops where `~torch.isfinite` dispatches five, which counts on a step's few small tensors."""
+    return values.mul(0).ne(0)
+
+
 class NonFiniteError(SystemExit):
-    """A non-finite loss or gradient with `nonfinite=stop`: every rank decides alike (the flag
-    rides the loss all-reduce; gradients are already all-reduced), so all of them exit, like
+    """A non-finite loss or gradient with `nonfinite=stop`: every rank decides alike (on the
+    loss's all-reduced sums; gradients are already all-reduced), so all of them exit, like
     `sys.exit` (message, exit code 1, no traceback); the checkpoints saved so far are kept."""
 
 
@@ -96,9 +102,9 @@ class NonFiniteGuard:
     ) -> None:
         """Records a bad loss (`bad`: a 0-d bool, alike on every rank) with its batch's facts."""
         self.to(bad.device)
-        self.loss_bad = self.loss_bad | bad  # any micro-batch of an accumulated step
         if reads_free(bad.device) and not bool(bad):
             return  # the facts are kept for a bad batch only: here that is known now
+        self.loss_bad = self.loss_bad | bad  # any micro-batch of an accumulated step
         finite = torch.isfinite(weight)
         facts = torch.stack(
             [
@@ -127,14 +133,17 @@ class NonFiniteGuard:
         # g's least and greatest values are finite exactly when all of g is (min and max
         # propagate NaN; -inf is the least, inf the greatest): one pass that writes nothing and,
         # unlike a norm or a sum, cannot overflow. Nothing to check: no gradient, or an empty one.
-        zero = torch.zeros((), device=self.loss_bad.device)
-        ends = [(zero, zero) if v is None or v.numel() == 0 else torch.aminmax(v) for v in values]
-        extremes = torch.stack([end for pair in ends for end in pair]).view(-1, 2)
-        bad_grads = ~torch.isfinite(extremes).all(1)
-        skip = self.loss_bad | bad_grads.any()
-        if reads_free(skip.device) and not bool(skip):
+        present = [v is not None and v.numel() > 0 for v in values]
+        zero = None if all(present) else self.found_inf.new_zeros(())
+        ends = [
+            torch.aminmax(v) if p else (zero, zero) for v, p in zip(values, present, strict=True)
+        ]
+        bad = not_finite(torch.stack([end for pair in ends for end in pair]).view(-1, 2))
+        if reads_free(bad.device) and not self.loss_bad and not bad.any():
             self.found_inf.zero_()  # a good step, known now: nothing else to record
-            return skip
+            return self.loss_bad
+        bad_grads = bad.any(1)
+        skip = self.loss_bad | bad_grads.any()
         fresh = skip & (self.first_step < 0)
         self.first_grads = torch.where(fresh & ~self.loss_bad, bad_grads, self.first_grads)
         self._first(skip, step, 2)

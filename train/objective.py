@@ -93,7 +93,9 @@ class WeightedBCE(Objective):
         self.weight_scale = 1.0 / stats.weight_mean if scheme.normalize == "mean" else 1.0
 
     def targets(self, behaviours: Tensor) -> tuple[Tensor, Tensor]:
-        weight = self.scheme.weights(behaviours, self.behaviours) * self.weight_scale
+        weight = self.scheme.weights(behaviours, self.behaviours)
+        if self.weight_scale != 1.0:
+            weight = weight * self.weight_scale
         label = (behaviours[:, self.label_column] > 0).float()
         return label.unsqueeze(1), weight.unsqueeze(1)
 

@@ -103,15 +103,20 @@ class SparseDenseAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = self.found_inf
+        if found_inf is not None and reads_free(found_inf.device):
+            if bool(found_inf):
+                return loss  # a skipped step moves nothing
+            found_inf = None  # a good step: no masking on the device
         if self._dense is not None:
-            self._dense.found_inf = self.found_inf  # read by AdamW.step, as GradScaler sets it
+            self._dense.found_inf = found_inf  # read by AdamW.step, as GradScaler sets it
             self._dense.step()
         for group in self.param_groups:
             if group["kind"] == "sparse":
-                self._lazy_adam(group)
+                self._lazy_adam(group, found_inf)
         return loss
 
-    def _lazy_adam(self, group: dict) -> None:
+    def _lazy_adam(self, group: dict, found_inf: torch.Tensor | None) -> None:
         """Adam on the rows present in each sparse gradient (SparseAdam's update, row-wise).
 
         The rows come as `row_gradients` gives them: every occurrence of a row carries that
@@ -125,8 +130,6 @@ class SparseDenseAdam(torch.optim.Optimizer):
             if param.grad.sparse_dim() != 1:
                 raise ValueError("sparse gradients must be row-sparse (nn.Embedding's)")
             host = reads_free(param.device)
-            if host and self.found_inf is not None and bool(self.found_inf):
-                continue  # a skipped step moves nothing
             rows, values = row_gradients(param.grad)
             if values.numel() == 0:  # a size known on the host: no read
                 continue
@@ -138,11 +141,11 @@ class SparseDenseAdam(torch.optim.Optimizer):
             elif not torch.is_tensor(state["step"]):  # checkpoints before the step moved
                 state["step"] = torch.tensor(float(state["step"]), device=param.device)
             keep = 1.0
-            if self.found_inf is not None and not host:
+            if found_inf is not None:
                 # A skipped step moves nothing: its gradient is zeroed (it may be NaN, and
                 # 0 * NaN is NaN) and every change below is scaled by 0.
-                keep = 1.0 - self.found_inf
-                values = values.masked_fill(self.found_inf.bool(), 0.0)
+                keep = 1.0 - found_inf
+                values = values.masked_fill(found_inf.bool(), 0.0)
             step = state["step"].add_(keep)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             # old + (1 - b) * (new - old), as SparseAdam computes it, in one op: lerp's own

@@ -38,7 +38,8 @@ class DensePreprocess(nn.Module):
 
     def forward(self, dense: Tensor) -> Tensor:
         if self.fill == "mean":
-            dense = torch.where(torch.isnan(dense), self.mean, dense)
-        else:
-            dense = torch.nan_to_num(dense, nan=0.0)
-        return (dense - self.mean) / self.std
+            # A NaN filled with the mean standardises to 0: the same values as filling first,
+            # in one op fewer (infinities stay infinite).
+            standard = (dense - self.mean) / self.std
+            return standard.nan_to_num_(nan=0.0, posinf=torch.inf, neginf=-torch.inf)
+        return (torch.nan_to_num(dense, nan=0.0) - self.mean) / self.std

@@ -156,7 +156,7 @@ class WeightScheme:
             parts = [t(behaviours[:, column[t.behaviour]]) for t in self.terms]
             stacked = torch.stack(parts, dim=1)
             pos_weight = stacked.sum(1) if self.combine == "sum" else stacked.amax(1)
-        return torch.where(positive, pos_weight, torch.full_like(pos_weight, self.negative_weight))
+        return torch.where(positive, pos_weight, self.negative_weight)
 
     def check_values(self, behaviours: torch.Tensor, names: Sequence[str], where: str) -> None:
         """Fail, naming the term and behaviour, if the data makes any weight negative or

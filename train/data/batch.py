@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -11,6 +11,11 @@ import torch
 POOLINGS = ("mean", "sum", "attention")
 """How a list column becomes one vector: the mean or sum of its elements' embeddings, or
 target attention against the candidate's embedding from the same table (DIN-style)."""
+
+
+Targets = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""An objective's `targets`: behaviours [rows, behaviours] -> (labels, weights), each
+[rows, outputs] float32."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class Batch:
     """[rows, Σ max_len] int64: every list column's last `max_len` elements as indices into its
     table, in list order, padded with 0 (0 is also a null element; both are left out of the
     pooling). None when the data has no list column."""
+    label: torch.Tensor | None = None
+    """[rows, outputs] float32: the objective's labels, made by the loader for a whole gather of
+    rows (`TrainBatches` with `targets`); None: the module makes them from `behaviours`."""
+    weight: torch.Tensor | None = None
+    """[rows, outputs] float32: the objective's loss weights, made with `label`."""
 
     def __len__(self) -> int:
         return self.categorical.shape[0]

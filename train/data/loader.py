@@ -3,13 +3,14 @@ rank yields the same number of batches and no row is duplicated or dropped."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from train.data.batch import Batch
+from train.data.batch import Batch, Targets
 
 GATHER_ROWS = 32_768
 """Training rows gathered at once (whole batches; at least one): big enough that the gather
@@ -66,6 +67,8 @@ class TrainBatches(EpochPosition):
 
     Batches are sliced on the table's own device (a table resident on the GPU makes GPU
     batches); `pin` cuts them into pinned host memory, for a host table feeding a CUDA run.
+    `targets` (an objective's, on the table's device): every batch carries its labels and
+    weights, made for a whole gather at once (`Batch.label`, `Batch.weight`).
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class TrainBatches(EpochPosition):
         world_size: int = 1,
         pin: bool = False,
         gather_rows: int = GATHER_ROWS,
+        targets: Targets | None = None,
     ) -> None:
         self.table = table.for_training()
+        self.targets = targets
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -106,6 +111,10 @@ class TrainBatches(EpochPosition):
             last = min(first + per_gather, len(self))
             pieces = [self._rows(order, step) for step in range(first, last)]
             gathered = self.table.index(torch.cat(pieces), self.pin)
+            if self.targets is not None:
+                # The objective's dozen small ops once a gather, not once a batch.
+                label, weight = self.targets(gathered.behaviours)
+                gathered = dataclasses.replace(gathered, label=label, weight=weight)
             begin = 0
             for piece in pieces:
                 self.batches_done += 1

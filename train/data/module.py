@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from train.data.batch import Batch
+from train.data.batch import Batch, Targets
 from train.data.config import check_settings, spec_from_config
 from train.data.device import TablePlacement, require_cuda
 from train.data.features import (
@@ -162,6 +162,9 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         self.files: dict[str, list[FileInfo]] = {}
         self.dictionary: list[str] = []
         self.stats: TrainStats | None = None
+        self.targets: Targets | None = None
+        """The objective's `targets` for the span of a fit (`RankingModule.setup`): memory-mode
+        training batches then come with their labels and weights."""
         self.weight_mean = 1.0
         self.id_summary: dict[str, dict[str, Any]] = {}
 
@@ -496,7 +499,13 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         if self.mode == "memory":
             rank, world = self._rank()
             table = self.tables["train"]
-            return TrainBatches(table, self.batch_size, self.seed, rank, world, self.pin(table))
+            pin = self.pin(table)
+            # Not for pinned batches: those go to a GPU, where the module's own targets cost the
+            # host nothing, and made on the host they would not be pinned.
+            targets = None if pin else self.targets
+            return TrainBatches(
+                table, self.batch_size, self.seed, rank, world, pin, targets=targets
+            )
         stream = self._stream("train", True)
         return StreamTrainBatches(
             stream, self._workers("train"), self.worker_start, pin_memory=self.pin()
