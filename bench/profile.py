@@ -9,11 +9,11 @@ RankingModule through lightning.Trainer, the wall time between consecutive batch
 the same step by hand with the job's own objects (the data module's TrainBatches, the module's
 embeddings, tower, objective and `configure_optimizers()`), each part timed on its own:
 data, embedding forward, embedding backward, MLP forward+backward (dense preprocessing and the
-concatenation included), loss/weights (objective.targets, loss_sums, the module's reductions and
-the loss's backward), the gradient hook (`on_before_optimizer_step`: the finiteness
-check), the optimizer's embedding (lazy Adam) and dense (AdamW) parts. Framework overhead is the
-job's step minus the sum of the parts. Means over `--steps` steps after 20 warm-up steps, the
-2% slowest and fastest left out.
+concatenation included), loss/weights (loss_sums, the module's reductions and the loss's
+backward; the objective's targets are made by the loader, in the data part, as in a fit), the
+gradient hook (`on_before_optimizer_step`: the finiteness check), the optimizer's embedding
+(lazy Adam) and dense (AdamW) parts. Framework overhead is the job's step minus the sum of the
+parts. Means over `--steps` steps after 20 warm-up steps, the 2% slowest and fastest left out.
 Prints the table, the job's step time and rows/s and, last, `ratio <job step / sum of parts>`.
 """
 
@@ -91,11 +91,11 @@ def tower(model, embedded: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return torch.cat([t(x) for t in model.towers], dim=1)
 
 
-def module_loss(module: RankingModule, logits: torch.Tensor, behaviours: torch.Tensor):
+def module_loss(module: RankingModule, logits: torch.Tensor, batch):
     """RankingModule.training_step after the forward pass, on one process (the strategy's
     reduce is the identity; `self.log` is left to the framework share)."""
-    rows = len(behaviours)
-    label, weight = module.objective.targets(behaviours)
+    rows = len(batch)
+    label, weight = batch.label, batch.weight  # made by the loader, as in a fit
     _, summed = loss_sums(logits.reshape(rows, -1), label, weight)
     total = torch.cat([summed.detach(), weight.sum(0)])
     if not torch.isfinite(total).all():  # the guard's read (free on the CPU)
@@ -128,6 +128,7 @@ def optimizer_parts(optimizer):
 
 def part_steps(data, args, sync) -> dict[str, list[float]]:
     module = build_module(data, args.model).to(args.device)
+    data.targets = module.objective.targets  # what RankingModule.setup does in a fit
     model, loader = module.model, data.train_dataloader()
     optimizer = module.configure_optimizers()
     optimizer_steps, split = optimizer_parts(optimizer)
@@ -160,7 +161,7 @@ def part_steps(data, args, sync) -> dict[str, list[float]]:
             logits = tower(model, emb_leaf, module.preprocess(batch.dense))
         logits_leaf = logits.detach().requires_grad_()
         with part("loss/weights"):
-            module_loss(module, logits_leaf, batch.behaviours).backward()
+            module_loss(module, logits_leaf, batch).backward()
         with part("MLP forward+backward"):
             logits.backward(logits_leaf.grad)
         with part("embedding backward"):
