@@ -183,12 +183,13 @@ class RankingModule(L.LightningModule):
             # DDP averages gradients over ranks: scaled by world, they are those of Σwℓ / W.
             losses = losses * world
         global_losses = total[:outputs] / denominator
-        if outputs == heads:
-            loss = self.balance.combine(losses, global_losses, shared, self._sum_over_ranks, world)
-        else:
-            loss = self.balance.combine(
-                losses[:heads], global_losses[:heads], shared, self._sum_over_ranks, world
-            )
+        # The heads' own losses: sliced only when conditional heads follow them (a slice is
+        # one more op each way on every step).
+        own = (
+            (losses, global_losses) if outputs == heads else (losses[:heads], global_losses[:heads])
+        )
+        loss = self.balance.combine(*own, shared, self._sum_over_ranks, world)
+        if outputs > heads:
             # Conditional heads' own losses (p(child | parent) on the parent's positives) are not
             # balanced: they fit a part of their head's product, not a behaviour of their own.
             loss = loss + losses[heads:].sum()
