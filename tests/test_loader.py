@@ -145,7 +145,7 @@ class LoaderTargets(L.Callback):
         self.carried.append(batch.label is not None)
 
 
-def fit(network: str, loader_targets: bool, monkeypatch) -> tuple[RankingModule, list[bool]]:
+def job(network: str) -> tuple[ImpressionDataModule, RankingModule]:
     data = ImpressionDataModule(
         categorical={"user_id": 500, "video_id": 1000, "device": 10},
         dense=["video_len_s", "user_activity"],
@@ -163,11 +163,11 @@ def fit(network: str, loader_targets: bool, monkeypatch) -> tuple[RankingModule,
     torch.manual_seed(0)
     args = (data.spec.cardinalities, len(data.spec.dense))
     model = DNN(*args) if network == "dnn" else MultiHead(*args, heads=["click", "finish"])
-    module = RankingModule(model, scheme, data.spec, data.stats, optimizer=SparseDenseAdam)
-    if not loader_targets:  # the module makes them itself, from each batch's behaviours
-        monkeypatch.setattr(RankingModule, "setup", L.LightningModule.setup)
-    spy = LoaderTargets()
-    L.Trainer(
+    return data, RankingModule(model, scheme, data.spec, data.stats, optimizer=SparseDenseAdam)
+
+
+def trainer(*callbacks: L.Callback) -> L.Trainer:
+    return L.Trainer(
         accelerator="cpu",
         max_steps=20,
         limit_val_batches=0,
@@ -175,8 +175,16 @@ def fit(network: str, loader_targets: bool, monkeypatch) -> tuple[RankingModule,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[spy],
-    ).fit(module, datamodule=data)
+        callbacks=list(callbacks),
+    )
+
+
+def fit(network: str, loader_targets: bool, monkeypatch) -> tuple[RankingModule, list[bool]]:
+    data, module = job(network)
+    if not loader_targets:  # the module makes them itself, from each batch's behaviours
+        monkeypatch.setattr(RankingModule, "setup", L.LightningModule.setup)
+    spy = LoaderTargets()
+    trainer(spy).fit(module, datamodule=data)
     monkeypatch.undo()
     assert data.targets is None  # a later fit brings its own objective's
     return module, spy.carried
@@ -189,3 +197,18 @@ def test_the_job_trains_alike_with_targets_made_by_the_loader(network, monkeypat
     assert carried == [True] * 20 and not_carried == [False] * 20
     for (name, a), b in zip(made.state_dict().items(), own.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+class Failing(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 2:
+            raise RuntimeError("a fit that fails")
+
+
+def test_a_failed_fit_takes_its_targets_back():
+    # Lightning skips the module's teardown when a fit raises; the data module's own
+    # on_exception drops the targets, so no loader built later carries a dead fit's objective.
+    data, module = job("dnn")
+    with pytest.raises(RuntimeError, match="a fit that fails"):
+        trainer(Failing()).fit(module, datamodule=data)
+    assert data.targets is None

@@ -163,8 +163,9 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
         self.dictionary: list[str] = []
         self.stats: TrainStats | None = None
         self.targets: Targets | None = None
-        """The objective's `targets` for the span of a fit (`RankingModule.setup`): memory-mode
-        training batches then come with their labels and weights."""
+        """The objective's `targets` for the span of a fit (`RankingModule.setup`, taken back by
+        its `teardown`, or by `on_exception` here when the fit fails): memory-mode training
+        batches then come with their labels and weights."""
         self.weight_mean = 1.0
         self.id_summary: dict[str, dict[str, Any]] = {}
 
@@ -494,6 +495,11 @@ class ImpressionDataModule(TablePlacement, L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             dictionary=self.dictionary,
         )
+
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning skips the teardown hooks when a fit raises: no loader built after it may
+        # carry that fit's objective.
+        self.targets = None
 
     def train_dataloader(self) -> TrainBatches | StreamTrainBatches:
         if self.mode == "memory":
