@@ -46,6 +46,7 @@ else:
 
     from train.model import MultiHead
     from train.module import RankingModule
+    from train.nonfinite import not_finite
     from train.objective import loss_sums
     from train.optim import SparseDenseAdam
 
@@ -96,9 +97,9 @@ def module_loss(module: RankingModule, logits: torch.Tensor, batch):
     reduce is the identity; `self.log` is left to the framework share)."""
     rows = len(batch)
     label, weight = batch.label, batch.weight  # made by the loader, as in a fit
-    _, summed = loss_sums(logits.reshape(rows, -1), label, weight)
+    summed = loss_sums(logits.reshape(rows, -1), label, weight)
     total = torch.cat([summed.detach(), weight.sum(0)])
-    if not torch.isfinite(total).all():  # the guard's read (free on the CPU)
+    if not_finite(total).any():  # the module's check; the guard reads it (free on the CPU)
         raise RuntimeError("non-finite loss in the profile")
     outputs = len(summed)
     denominator = total[outputs:].clamp_min(torch.finfo(torch.float32).tiny)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 import train
@@ -318,3 +319,15 @@ def mlflow_server(folder: Path) -> Iterator[str]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=15)
         log.close()
+
+
+def quiet_trainer(**settings: Any) -> L.Trainer:
+    """A Trainer for a test's fit: no logger, checkpoints, progress bar or model summary, unless
+    `settings` says otherwise."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**(quiet | settings))

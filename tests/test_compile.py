@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import compose
+from tests.helpers import compose, quiet_trainer
 from train import config_checks
 from train.checkpoint import load
 from train.compile import CompileTower, tower_parts
@@ -71,14 +71,10 @@ def fit(data: ImpressionDataModule, compiled: bool) -> tuple[RankingModule, L.Tr
     )
     losses = Losses()
     callbacks: list[L.Callback] = [losses, *([CompileTower()] if compiled else [])]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_steps=STEPS,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
         callbacks=callbacks,
     )

@@ -8,7 +8,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import scalars
+from tests.helpers import quiet_trainer, scalars
 from train.data.features import NULL_BUCKET, DataError, featurize, hash_ids
 from train.data.io import expand
 from train.data.module import ImpressionDataModule
@@ -139,15 +138,7 @@ def test_memory_and_stream_give_the_same_metrics(feed):
         torch.manual_seed(0)
         net = DNN(data.spec.cardinalities, len(data.spec.dense), hidden=(8,), embedding_dim=4)
         ranking = RankingModule(net, SCHEME, data.spec, stats, optimizer=SparseDenseAdam)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-        )
+        trainer = quiet_trainer(accelerator="cpu", devices=1, use_distributed_sampler=False)
         trainer.validate(ranking, datamodule=data, verbose=False)
         results.append({k: float(v) for k, v in trainer.callback_metrics.items()})
     assert results[0].keys() == results[1].keys() and "val/click/auc" in results[0]

@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 import train.data.batch as batch_module
-from tests.helpers import TINY, train_in_process
+from tests.helpers import TINY, quiet_trainer, train_in_process
 from train.data.batch import Batch
 from train.data.device import RESIDENT_SHARE, require_cuda, resident_splits
 from train.data.features import DataError
@@ -53,16 +53,12 @@ def fit(data: ImpressionDataModule, accelerator: str = "cpu") -> L.Trainer:
     net = DNN(data.spec.cardinalities, len(data.spec.dense), hidden=(8,), embedding_dim=4)
     assert data.stats is not None
     module = RankingModule(net, SCHEME, data.spec, data.stats, optimizer=SparseDenseAdam)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         max_steps=4,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import quiet_trainer
 from train.data.batch import Batch
 from train.data.loader import EvalBatches, TrainBatches
 from train.data.module import ImpressionDataModule
@@ -167,15 +168,8 @@ def job(network: str) -> tuple[ImpressionDataModule, RankingModule]:
 
 
 def trainer(*callbacks: L.Callback) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=20,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
+    return quiet_trainer(
+        accelerator="cpu", max_steps=20, limit_val_batches=0, callbacks=list(callbacks)
     )
 
 

@@ -182,7 +182,7 @@ def test_a_head_scheme_weighs_its_loss_as_repeated_rows():
     behaviours = torch.stack([click, finish, 30 * finish, click * 0], dim=1)
     logits = torch.randn(50, 4, generator=g)
     label, weight = objective.targets(behaviours)
-    _, summed = loss_sums(logits, label, weight)
+    summed = loss_sums(logits, label, weight)
     click_loss = summed[0] / weight[:, 0].sum()
     # The same rows, each repeated by its weight (negatives 2, clicks 1 or 3), unweighted.
     repeats = weight[:, 0].long()

@@ -164,7 +164,7 @@ class RankingModule(L.LightningModule):
         else:
             logits = self(batch.categorical, batch.dense, batch.sequences)
         rows = len(batch.behaviours)
-        _, summed = loss_sums(logits.reshape(rows, -1), label, weight)
+        summed = loss_sums(logits.reshape(rows, -1), label, weight)
         # Global Σw (and Σwℓ for the log) over all ranks, per output: the mean of per-rank
         # weighted means is not the weighted mean of the global batch.
         total = self.trainer.strategy.reduce(

@@ -100,20 +100,17 @@ class WeightedBCE(Objective):
         return label.unsqueeze(1), weight.unsqueeze(1)
 
 
-def loss_sums(logits: Tensor, label: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row weighted losses [rows, outputs] and their column sums."""
+def loss_sums(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
+    """Σᵢ wᵢℓᵢ per output [outputs], from logits, labels and weights [rows, outputs]."""
     losses = torch.nn.functional.binary_cross_entropy_with_logits(
         logits.float(), label, reduction="none"
     )
-    weighted = weight * losses
-    return weighted, weighted.sum(0)
+    return (weight * losses).sum(0)
 
 
 def weighted_bce(logits: Tensor, label: Tensor, weight: Tensor, weight_total: Tensor) -> Tensor:
     """Σ wᵢℓᵢ / W: with W the weight sum of the global batch this is the loss of the same batch
     with every row repeated wᵢ times (the duplication reading of sample weighting)."""
     rows = len(label)
-    _, summed = loss_sums(
-        logits.reshape(rows, -1), label.reshape(rows, -1), weight.reshape(rows, -1)
-    )
+    summed = loss_sums(logits.reshape(rows, -1), label.reshape(rows, -1), weight.reshape(rows, -1))
     return (summed / weight_total.clamp_min(torch.finfo(torch.float32).tiny)).sum()
