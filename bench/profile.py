@@ -1,7 +1,7 @@
 """Where one training step goes: the job's step cut into its parts, in ms per step.
 
     python bench/profile.py [--rows 500000] [--threads 2] [--steps 100] [--model dnn|multihead]
-                            [--device cpu|cuda]
+                            [--device cpu|cuda] [--precision 32-true|bf16-mixed]
 
 The workload of bench/throughput.py (simulated rows, 8 hashed categorical features, 4 dense,
 embedding 16, MLP 256-128-64, batch 4096, the `seed` scheme). First the job itself: a fresh
@@ -13,7 +13,9 @@ concatenation included), loss/weights (loss_sums, the module's reductions and th
 backward; the objective's targets are made by the loader, in the data part, as in a fit), the
 gradient hook (`on_before_optimizer_step`: the finiteness check), the optimizer's embedding
 (lazy Adam) and dense (AdamW) parts. Framework overhead is the job's step minus the sum of the
-parts. Means over `--steps` steps after 20 warm-up steps, the 2% slowest and fastest left out.
+parts. The precision is the one `hardware=auto` takes on the device (`train.host.precision_for`)
+unless `--precision` says; at bf16-mixed the forward parts run under bf16 autocast, as
+Lightning runs `training_step`. Means over `--steps` steps after 20 warm-up steps, the 2% slowest and fastest left out.
 Prints the table, the job's step time and rows/s and, last, `ratio <job step / sum of parts>`.
 """
 
@@ -44,6 +46,7 @@ else:
     import torch
     from throughput import BATCH, BEHAVIOURS, data_module, job_module, job_trainer, scheme
 
+    from train.host import precision_for
     from train.model import MultiHead
     from train.module import RankingModule
     from train.nonfinite import not_finite
@@ -77,6 +80,7 @@ def job_steps(data, args, sync) -> list[float]:
         max_steps=WARMUP + args.steps + 1,  # +1: the last timed step ends at the next start
         max_epochs=-1,
         num_sanity_val_steps=0,
+        precision=args.precision,
         callbacks=[StepClock()],
     )
     trainer.fit(build_module(data, args.model), datamodule=data)
@@ -145,6 +149,10 @@ def part_steps(data, args, sync) -> dict[str, list[float]]:
         sync()
         step[name] = step.get(name, 0.0) + time.perf_counter() - start
 
+    def forward():  # what Lightning's precision plugin wraps training_step in
+        mixed = args.precision == "bf16-mixed"
+        return torch.autocast(args.device, dtype=torch.bfloat16, enabled=mixed)
+
     batches = iter(loader)
     for _ in range(WARMUP + args.steps):
         step.clear()
@@ -155,14 +163,16 @@ def part_steps(data, args, sync) -> dict[str, list[float]]:
                 batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
         # Detached leaves between the parts, so each backward runs only its own part's graph.
-        with part("embedding forward"):
+        with part("embedding forward"), forward():
             emb = model.embeddings(batch.categorical).flatten(1)
         emb_leaf = emb.detach().requires_grad_()
-        with part("MLP forward+backward"):
+        with part("MLP forward+backward"), forward():
             logits = tower(model, emb_leaf, module.preprocess(batch.dense))
         logits_leaf = logits.detach().requires_grad_()
         with part("loss/weights"):
-            module_loss(module, logits_leaf, batch).backward()
+            with forward():
+                loss = module_loss(module, logits_leaf, batch)
+            loss.backward()
         with part("MLP forward+backward"):
             logits.backward(logits_leaf.grad)
         with part("embedding backward"):
@@ -205,7 +215,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--model", choices=["dnn", "multihead"], default="dnn")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=None)
     args = parser.parse_args()
+    args.precision = args.precision or precision_for(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False here")
     torch.set_num_threads(args.threads)
@@ -218,7 +230,8 @@ def main() -> None:
         data.tables["train"] = data.tables["train"].to("cuda")
     print(f"data: {args.rows:,} rows featurised in {time.perf_counter() - start:.1f} s")
     print(
-        f"{args.model}, batch {BATCH}, {args.device}, {torch.get_num_threads()} threads, "
+        f"{args.model}, batch {BATCH}, {args.device}, {args.precision}, "
+        f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; means of {args.steps} steps after {WARMUP}, "
         f"the {TRIM:.0%} slowest and fastest left out"
     )

@@ -5,14 +5,18 @@
 All arms train on the same in-memory tensors (2,000,000 simulated rows, 8 hashed categorical
 features, 4 dense, embedding 16, MLP 256-128-64, batch 4096, the `seed` weight scheme), one
 epoch each. The job goes through ImpressionDataModule + RankingModule + lightning.Trainer; the
-raw loop slices a random permutation, calls `F.binary_cross_entropy_with_logits(weight=)` and
-steps dense Adam, then again with `Adam(fused=True)`. The physical reference: the DNN's MLP
-alone (input 8*16+4 wide, no embeddings) on one pre-made random batch, forward, weighted BCE,
-backward and fused Adam, as many steps as an epoch has: what the dense tower costs by itself.
-Then the job again with every bucket count x10. Every arm runs `--repeat` times (the issue asks
-for the median of 3 runs); prints median rows/s, `job/mlp-only <x>` and, last,
-`ratio <job/raw>` (medians of the per-repeat ratios, which a shared machine's load disturbs
-least). Each run's figure also goes to stderr as it finishes.
+raw loop (float32) slices a random permutation, calls `F.binary_cross_entropy_with_logits(weight=)`
+and steps dense Adam, then again with `Adam(fused=True)`. The physical reference: the DNN's MLP
+alone (input 8*16+4 wide, no embeddings) on one pre-made random batch, forward (at the job's
+precision), weighted BCE, backward and fused Adam, as many steps as an epoch has: what the dense
+tower costs by itself.
+Then the job again with every bucket count x10. The job runs at the precision `hardware=auto`
+gives it here (`train.host.precision_for`: bf16-mixed on a CPU that multiplies bf16 in hardware,
+else float32, `--precision` to choose); where that is not float32, a float32 job arm runs too.
+Every arm runs `--repeat` times (the issue asks for the median of 3 runs); prints median rows/s,
+`job/mlp-only <x>`, the float32 job's ratio where it ran and, last, `ratio <job/raw>` (medians
+of the per-repeat ratios, which a shared machine's load disturbs least). Each run's figure also
+goes to stderr as it finishes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from train.data.module import ImpressionDataModule
 from train.data.synthetic import FeedSimulator
+from train.host import precision_for
 from train.model import DNN
 from train.module import RankingModule
 from train.optim import SparseDenseAdam
@@ -119,8 +124,8 @@ def job_trainer(**overrides) -> L.Trainer:
     return L.Trainer(**(settings | overrides))
 
 
-def job_rows_per_s(data: ImpressionDataModule) -> float:
-    module, trainer = job_module(data), job_trainer()
+def job_rows_per_s(data: ImpressionDataModule, precision: str = "32-true") -> float:
+    module, trainer = job_module(data), job_trainer(precision=precision)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return len(data.tables["train"]) / (time.perf_counter() - start)
@@ -165,8 +170,9 @@ def raw_rows_per_s(data: ImpressionDataModule, fused: bool = False) -> float:
     return len(table) / (time.perf_counter() - start)
 
 
-def mlp_rows_per_s(data: ImpressionDataModule) -> float:
-    """The DNN's MLP alone on one pre-made batch: no embeddings, no data path, fused Adam."""
+def mlp_rows_per_s(data: ImpressionDataModule, precision: str = "32-true") -> float:
+    """The DNN's MLP alone on one pre-made batch: no embeddings, no data path, fused Adam; its
+    forward under bf16 autocast at bf16-mixed, as Lightning runs the job's."""
     mlp = DNN(data.spec.cardinalities, len(DENSE)).mlp  # the very layers the job trains
     width = mlp[0].in_features  # 8 * 16 + 4
     x = torch.randn(BATCH, width)
@@ -175,11 +181,12 @@ def mlp_rows_per_s(data: ImpressionDataModule) -> float:
     optimizer = fused_adam(mlp.parameters())
     steps = -(-len(data.tables["train"]) // BATCH)  # the batches of one epoch
     start = time.perf_counter()
+    mixed = precision == "bf16-mixed"
     for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            logits = mlp(x).squeeze(1).float()
         loss = (
-            F.binary_cross_entropy_with_logits(
-                mlp(x).squeeze(1), label, weight=weight, reduction="sum"
-            )
+            F.binary_cross_entropy_with_logits(logits, label, weight=weight, reduction="sum")
             / weight.sum()
         )
         optimizer.zero_grad(set_to_none=True)
@@ -193,6 +200,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs of every arm (medians)")
+    parser.add_argument(
+        "--precision", default=precision_for("cpu"), help="the job's (default: hardware=auto's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -206,10 +216,12 @@ def main() -> None:
     arms = {
         "raw loop (dense Adam)": lambda: raw_rows_per_s(data),
         "raw loop (Adam fused=True)": lambda: raw_rows_per_s(data, fused=True),
-        "MLP alone, no embeddings": lambda: mlp_rows_per_s(data),
-        "job (buckets x1)": lambda: job_rows_per_s(data),
-        "job (buckets x10)": lambda: job_rows_per_s(data10),
+        "MLP alone, no embeddings": lambda: mlp_rows_per_s(data, args.precision),
+        "job (buckets x1)": lambda: job_rows_per_s(data, args.precision),
+        "job (buckets x10)": lambda: job_rows_per_s(data10, args.precision),
     }
+    if args.precision != "32-true":
+        arms["job (float32)"] = lambda: job_rows_per_s(data)
     runs: dict[str, list[float]] = {name: [] for name in arms}
     for turn in range(args.repeat):  # every arm once per round: load drifts hit them alike
         for name, arm in arms.items():
@@ -221,7 +233,10 @@ def main() -> None:
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
 
-    print(f"medians of {args.repeat} run{'s' if args.repeat > 1 else ''}, {args.threads} threads")
+    print(
+        f"medians of {args.repeat} run{'s' if args.repeat > 1 else ''}, {args.threads} threads, "
+        f"the job at {args.precision}"
+    )
     print(f"raw loop (dense Adam):     {med['raw loop (dense Adam)']:>10,.0f} rows/s")
     print(f"raw loop (Adam fused):     {med['raw loop (Adam fused=True)']:>10,.0f} rows/s")
     print(f"MLP alone (fwd+bwd+Adam):  {med['MLP alone, no embeddings']:>10,.0f} rows/s")
@@ -229,7 +244,11 @@ def main() -> None:
     print(f"job (buckets x1):          {job:>10,.0f} rows/s")
     change = ratio("job (buckets x10)", "job (buckets x1)") - 1
     print(f"job (buckets x10):         {job10:>10,.0f} rows/s  ({change:+.1%} vs x1)")
+    if "job (float32)" in runs:
+        print(f"job (float32):             {med['job (float32)']:>10,.0f} rows/s")
     print(f"job/mlp-only {ratio('job (buckets x1)', 'MLP alone, no embeddings'):.2f}")
+    if "job (float32)" in runs:
+        print(f"float32 job ratio {ratio('job (float32)', 'raw loop (dense Adam)'):.2f}")
     print(f"ratio {ratio('job (buckets x1)', 'raw loop (dense Adam)'):.2f}")
 
 

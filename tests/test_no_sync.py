@@ -5,7 +5,8 @@ that would make a GPU wait for the host (`.item()`, `.tolist()`, `if tensor:`, d
 output sizes such as `nonzero` or sparse `coalesce`) from the 4th step on, leaving out only the
 steps whose values Lightning's logger reads (every `trainer.log_every_n_steps`, where the
 non-finite guard reads its flags too). Both objectives (one weighted logit, one head per
-behaviour, with GradNorm balancing) and both non-finite modes, with the progress bar on and a cosine schedule.
+behaviour, with GradNorm balancing), both non-finite modes and both precisions (float32, bf16
+mixed: a GPU's default), with the progress bar on and a cosine schedule.
 
 On a GPU the same claim is checked by `torch.cuda.set_sync_debug_mode("error")` (bench/gpu.py
 `--sync-check`); on the CPU nothing stalls, so the ops themselves are looked for.
@@ -25,10 +26,18 @@ from train.optim import SparseDenseAdam
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    ("model", "nonfinite"),
-    [("dnn", "stop"), ("dnn", "skip"), ("multihead", "stop"), ("mmoe", "skip")],
+    ("model", "nonfinite", "precision"),
+    # bf16-mixed is a GPU's default (and a bf16 CPU's): its autocast casts are checked too.
+    [
+        ("dnn", "stop", "32-true"),
+        ("dnn", "skip", "bf16-mixed"),
+        ("multihead", "stop", "bf16-mixed"),
+        ("mmoe", "skip", "32-true"),
+    ],
 )
-def test_training_steps_never_read_back_to_the_host(tmp_path, model, nonfinite, monkeypatch):
+def test_training_steps_never_read_back_to_the_host(
+    tmp_path, model, nonfinite, precision, monkeypatch
+):
     # The CPU takes the paths a free read allows (distinct rows, facts of bad batches only);
     # the device paths are the ones checked here.
     monkeypatch.setattr(host, "READS_FREE_ON", frozenset())
@@ -43,6 +52,7 @@ def test_training_steps_never_read_back_to_the_host(tmp_path, model, nonfinite, 
         f"model={model}",
         *(multitask if model == "mmoe" else []),
         f"nonfinite={nonfinite}",
+        f"trainer.precision={precision}",
         "weights=seed",
         "scheduler=cosine",
         "trainer.max_epochs=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from train import gpus, objectives
+from train import gpus, host, objectives
 
 
 def _if_cuda(yes: str, no: str) -> str:
@@ -16,6 +16,10 @@ def register() -> None:
     # `${if_cuda:gpu,cpu}`: hardware=auto picks the GPU when there is one, never fails without.
     if not OmegaConf.has_resolver("if_cuda"):
         OmegaConf.register_new_resolver("if_cuda", _if_cuda)
+    # `${precision_for:${.accelerator}}` (hardware=auto, slurm): bf16-mixed where the chosen
+    # accelerator computes bf16 natively, else 32-true.
+    if not OmegaConf.has_resolver("precision_for"):
+        OmegaConf.register_new_resolver("precision_for", host.precision_for)
     # `${free_gpu:}` (hardware=free_gpu): a GPU no other upweight run on this machine holds.
     if not OmegaConf.has_resolver("free_gpu"):
         OmegaConf.register_new_resolver("free_gpu", gpus.free_gpu)
