@@ -69,9 +69,16 @@ def test_nonfinite_stop_is_decided_alike_on_every_rank(tmp_path, zygote):
 
 
 @pytest.mark.e2e
-def test_nonfinite_skip_counts_skipped_batches(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_nonfinite_skip_counts_skipped_batches(tmp_path, precision):
     run = tmp_path / "run"
-    train_in_process(*BLOWUP, "nonfinite=skip", "trainer.log_every_n_steps=1", output_dir=run)
+    train_in_process(
+        *BLOWUP,
+        "nonfinite=skip",
+        "trainer.log_every_n_steps=1",
+        f"trainer.precision={precision}",
+        output_dir=run,
+    )
     rows = list(csv.DictReader(io.StringIO((run / "logs" / "metrics.csv").read_text())))
     skipped = [float(r["train/skipped_batches"]) for r in rows if r.get("train/skipped_batches")]
     # 20000 rows / 4096 = 5 batches: the first steps (lr 1e30), the 4 after it are skipped.
