@@ -15,7 +15,8 @@ gradient hook (`on_before_optimizer_step`: the finiteness check), the optimizer'
 (lazy Adam) and dense (AdamW) parts. Framework overhead is the job's step minus the sum of the
 parts. The precision is the one `hardware=auto` takes on the device (`train.host.precision_for`)
 unless `--precision` says; at bf16-mixed the forward parts run under bf16 autocast, as
-Lightning runs `training_step`. Means over `--steps` steps after 20 warm-up steps, the 2% slowest and fastest left out.
+Lightning runs `training_step`. Means over `--steps` steps after 20 warm-up steps, the 2%
+slowest and fastest left out.
 Prints the table, the job's step time and rows/s and, last, `ratio <job step / sum of parts>`.
 """
 

@@ -68,7 +68,6 @@ def test_bf16_mixed_trains_as_float32_does(model):
     (full, _, full_losses), (mixed, trainer, mixed_losses) = runs["32-true"], runs["bf16-mixed"]
     assert len(full_losses.values) == len(mixed_losses.values) == STEPS
     gaps = [abs(a - b) for a, b in zip(full_losses.values, mixed_losses.values, strict=True)]
-    print(f"loss gap {max(gaps):.2e}")
     assert max(gaps) < LOSS_TOLERANCE
     assert max(gaps) > 0, "bf16-mixed computed exactly float32's losses: no bf16 matmul ran"
     full_state, mixed_state = full.state_dict(), mixed.state_dict()
@@ -78,7 +77,6 @@ def test_bf16_mixed_trains_as_float32_does(model):
         [(mixed.model.state_dict()[k] - v).flatten() for k, v in full.model.state_dict().items()]
     )
     moved = torch.cat([(v - init[k]).flatten() for k, v in full.model.state_dict().items()])
-    print(f"weight gap {apart.abs().max():.2e} rel {apart.norm() / moved.norm():.3f}")
     assert apart.norm() < WEIGHT_TOLERANCE * moved.norm()
     # Master weights and Adam's moments stay float32: only the forward's matmuls are bf16.
     states = trainer.optimizers[0].state.values()
