@@ -39,26 +39,20 @@ def cpu_capabilities() -> Mapping[str, object]:
     return {flag: getattr(torch.cpu, check, lambda: False)() for flag, check in checks.items()}
 
 
-def native_bf16(accelerator: str) -> bool:
-    """Whether `accelerator` (a Trainer's: "gpu"/"cuda" or "cpu") multiplies bf16 in hardware:
-    a CUDA GPU of compute capability 8 or more (Ampere on) or a ROCm GPU, as
-    `torch.cuda.is_bf16_supported(including_emulation=False)` decides; a CPU with a flag above."""
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            return False
-        return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
-    if accelerator == "cpu":
-        capabilities = cpu_capabilities()
-        return any(capabilities.get(flag, False) for flag in NATIVE_BF16_CPU_FLAGS)
-    return False
-
-
 def precision_for(accelerator: str) -> str:
-    """The Trainer precision `hardware=auto` takes: bf16 mixed precision where the hardware
-    computes it (the matmuls in bf16, the weights, optimizer and loss in float32), else float32.
-    On a 2-core AVX512-BF16 CPU the DNN's forward and backward take half the time, with the
-    same test AUCs (README, "Precision")."""
-    return "bf16-mixed" if native_bf16(accelerator) else "32-true"
+    """The Trainer precision `hardware=auto` and `slurm` take on `accelerator` (a Trainer's:
+    "gpu"/"cuda" or "cpu"): bf16 mixed precision (the matmuls in bf16; the weights, optimizer
+    and loss in float32) on any CUDA GPU, as before, and on a CPU with a flag above; else
+    float32. A GPU's capability is not read: that would initialise CUDA in this process before
+    Lightning forks or spawns its ranks (a pre-Ampere GPU emulates bf16: set
+    `trainer.precision=32-true` there). On a 2-core AVX512-BF16 CPU the DNN's forward and
+    backward take half the time, with the same test AUCs (README, "Precision")."""
+    if accelerator in ("gpu", "cuda"):
+        bf16 = torch.cuda.is_available()
+    else:
+        capabilities = cpu_capabilities() if accelerator == "cpu" else {}
+        bf16 = any(capabilities.get(flag, False) for flag in NATIVE_BF16_CPU_FLAGS)
+    return "bf16-mixed" if bf16 else "32-true"
 
 
 def take_columns(tensor: torch.Tensor, picked: Sequence[int]) -> torch.Tensor:

@@ -16,8 +16,8 @@ def register() -> None:
     # `${if_cuda:gpu,cpu}`: hardware=auto picks the GPU when there is one, never fails without.
     if not OmegaConf.has_resolver("if_cuda"):
         OmegaConf.register_new_resolver("if_cuda", _if_cuda)
-    # `${precision_for:${.accelerator}}` (hardware=auto, slurm): bf16-mixed where the chosen
-    # accelerator computes bf16 natively, else 32-true.
+    # `${precision_for:${.accelerator}}` (hardware=auto, slurm): bf16-mixed on a GPU or a CPU
+    # that multiplies bf16 in hardware, else 32-true.
     if not OmegaConf.has_resolver("precision_for"):
         OmegaConf.register_new_resolver("precision_for", host.precision_for)
     # `${free_gpu:}` (hardware=free_gpu): a GPU no other upweight run on this machine holds.
