@@ -7,7 +7,7 @@ before the next line of Python, so there a read stalls nothing, and the training
 take the cheaper path a read allows: the lazy Adam update makes its rows distinct, skips a
 non-finite step without arithmetic, and the non-finite guard records a batch's facts only when
 the batch is bad. tests/test_no_sync.py empties `READS_FREE_ON` to check the device paths on the
-CPU. And which precision the hardware computes fastest (`precision_for`, `hardware=auto`).
+CPU. And the precision a run takes by default on its hardware (`precision_for`).
 """
 
 from __future__ import annotations
