@@ -9,14 +9,16 @@ raw loop (float32) slices a random permutation, calls `F.binary_cross_entropy_wi
 and steps dense Adam, then again with `Adam(fused=True)`. The physical reference: the DNN's MLP
 alone (input 8*16+4 wide, no embeddings) on one pre-made random batch, forward (at the job's
 precision), weighted BCE, backward and fused Adam, as many steps as an epoch has: what the dense
-tower costs by itself.
+tower costs by itself; and once more with the input's gradient, which the job's tower computes
+to reach its embeddings (the MLP's share of the job that no embedding work can remove).
 Then the job again with every bucket count x10. The job runs at the precision `hardware=auto`
 gives it here (`train.host.precision_for`: bf16-mixed on a CPU that multiplies bf16 in hardware,
-else float32, `--precision` to choose); where that is not float32, a float32 job arm runs too.
+else float32, `--precision` to choose); where that is not float32, a float32 job arm and a
+float32 MLP-alone arm run too, so both precisions' ratios come from one run.
 Every arm runs `--repeat` times (the issue asks for the median of 3 runs); prints median rows/s,
-`job/mlp-only <x>`, the float32 job's ratio where it ran and, last, `ratio <job/raw>` (medians
-of the per-repeat ratios, which a shared machine's load disturbs least). Each run's figure also
-goes to stderr as it finishes.
+`job/mlp-with-input-grad <x>`, `job/mlp-only <x>`, the float32 job's two ratios where they ran
+and, last, `ratio <job/raw>` (medians of the per-repeat ratios, which a shared machine's load
+disturbs least). Each run's figure also goes to stderr as it finishes.
 """
 
 from __future__ import annotations
@@ -170,12 +172,15 @@ def raw_rows_per_s(data: ImpressionDataModule, fused: bool = False) -> float:
     return len(table) / (time.perf_counter() - start)
 
 
-def mlp_rows_per_s(data: ImpressionDataModule, precision: str = "32-true") -> float:
+def mlp_rows_per_s(
+    data: ImpressionDataModule, precision: str = "32-true", input_gradient: bool = False
+) -> float:
     """The DNN's MLP alone on one pre-made batch: no embeddings, no data path, fused Adam; its
-    forward under bf16 autocast at bf16-mixed, as Lightning runs the job's."""
+    forward under bf16 autocast at bf16-mixed, as Lightning runs the job's. `input_gradient`:
+    back-propagate into the input too, as the job's tower must to reach its embeddings."""
     mlp = DNN(data.spec.cardinalities, len(DENSE)).mlp  # the very layers the job trains
     width = mlp[0].in_features  # 8 * 16 + 4
-    x = torch.randn(BATCH, width)
+    x = torch.randn(BATCH, width, requires_grad=input_gradient)
     label = (torch.rand(BATCH) < 0.1).float()
     weight = torch.rand(BATCH) * 5
     optimizer = fused_adam(mlp.parameters())
@@ -190,6 +195,7 @@ def mlp_rows_per_s(data: ImpressionDataModule, precision: str = "32-true") -> fl
             / weight.sum()
         )
         optimizer.zero_grad(set_to_none=True)
+        x.grad = None
         loss.backward()
         optimizer.step()
     return len(data.tables["train"]) / (time.perf_counter() - start)
@@ -217,11 +223,13 @@ def main() -> None:
         "raw loop (dense Adam)": lambda: raw_rows_per_s(data),
         "raw loop (Adam fused=True)": lambda: raw_rows_per_s(data, fused=True),
         "MLP alone, no embeddings": lambda: mlp_rows_per_s(data, args.precision),
+        "MLP alone, input gradient": lambda: mlp_rows_per_s(data, args.precision, True),
         "job (buckets x1)": lambda: job_rows_per_s(data, args.precision),
         "job (buckets x10)": lambda: job_rows_per_s(data10, args.precision),
     }
     if args.precision != "32-true":
         arms["job (float32)"] = lambda: job_rows_per_s(data)
+        arms["MLP alone (float32)"] = lambda: mlp_rows_per_s(data)
     runs: dict[str, list[float]] = {name: [] for name in arms}
     for turn in range(args.repeat):  # every arm once per round: load drifts hit them alike
         for name, arm in arms.items():
@@ -240,14 +248,19 @@ def main() -> None:
     print(f"raw loop (dense Adam):     {med['raw loop (dense Adam)']:>10,.0f} rows/s")
     print(f"raw loop (Adam fused):     {med['raw loop (Adam fused=True)']:>10,.0f} rows/s")
     print(f"MLP alone (fwd+bwd+Adam):  {med['MLP alone, no embeddings']:>10,.0f} rows/s")
+    print(f"MLP alone + input grad:    {med['MLP alone, input gradient']:>10,.0f} rows/s")
     job, job10 = med["job (buckets x1)"], med["job (buckets x10)"]
     print(f"job (buckets x1):          {job:>10,.0f} rows/s")
     change = ratio("job (buckets x10)", "job (buckets x1)") - 1
     print(f"job (buckets x10):         {job10:>10,.0f} rows/s  ({change:+.1%} vs x1)")
     if "job (float32)" in runs:
         print(f"job (float32):             {med['job (float32)']:>10,.0f} rows/s")
+        print(f"MLP alone (float32):       {med['MLP alone (float32)']:>10,.0f} rows/s")
+    mlp_share = ratio("job (buckets x1)", "MLP alone, input gradient")
+    print(f"job/mlp-with-input-grad {mlp_share:.2f}")
     print(f"job/mlp-only {ratio('job (buckets x1)', 'MLP alone, no embeddings'):.2f}")
     if "job (float32)" in runs:
+        print(f"float32 job/mlp-only {ratio('job (float32)', 'MLP alone (float32)'):.2f}")
         print(f"float32 job ratio {ratio('job (float32)', 'raw loop (dense Adam)'):.2f}")
     print(f"ratio {ratio('job (buckets x1)', 'raw loop (dense Adam)'):.2f}")
 
