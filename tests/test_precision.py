@@ -31,11 +31,16 @@ WEIGHT_TOLERANCE = 0.1
 
 
 @pytest.mark.parametrize("hardware", ["auto", "slurm", "cpu"])
-def test_auto_takes_bf16_where_the_cpu_computes_it(hardware):
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [({"avx512_bf16": True}, True), ({"amx_bf16": True}, True), ({"avx512": True}, False)],
+)
+def test_auto_takes_bf16_where_the_cpu_computes_it(hardware, flags, native, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine's CUDA GPU decides hardware=auto")
+    # Both kinds of CPU on any machine: the composed config, not this CPU, is under test.
+    monkeypatch.setattr(host, "cpu_capabilities", lambda: flags)
     cfg = compose(f"hardware={hardware}", "paths.output_dir=/tmp/unused")
-    native = any(host.cpu_capabilities().get(f, False) for f in host.NATIVE_BF16_CPU_FLAGS)
     wanted = "bf16-mixed" if native and hardware != "cpu" else "32-true"
     assert OmegaConf.select(cfg, "trainer.precision") == wanted
     assert host.precision_for("mps") == "32-true"  # nothing claimed for devices not measured
